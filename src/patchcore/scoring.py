@@ -1,0 +1,96 @@
+"""Patch distances -> image scores and anomaly maps (PatchCore section 3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .index import NearestNeighbourIndex
+
+
+def patch_scores(
+    index: NearestNeighbourIndex, features: np.ndarray, k: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly score of each patch (mean distance to its k nearest bank rows) and the nearest row.
+
+    `features` is B x h x w x D; returns scores B x h x w and nearest-row indices B x h x w.
+    """
+    b, h, w, d = features.shape
+    dist, idx = index.search(features.reshape(-1, d), k)
+    return dist.mean(axis=1).reshape(b, h, w), idx[:, 0].reshape(b, h, w)
+
+
+def image_scores(
+    scores: np.ndarray,
+    features: np.ndarray | None = None,
+    nearest: np.ndarray | None = None,
+    bank: np.ndarray | None = None,
+    bank_index: NearestNeighbourIndex | None = None,
+    reweight_b: int = 0,
+) -> np.ndarray:
+    """Image score: the largest patch score, optionally reweighted by Eq. 7 of the paper.
+
+    Eq. 7 scales s* = ||m_test* - m*|| by 1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||),
+    where N_b(m*) are the b nearest bank rows of m*, so that an outlying test patch whose nearest
+    bank row sits in a dense, far-away neighbourhood counts less.
+    """
+    b = scores.shape[0]
+    flat = scores.reshape(b, -1)
+    best = flat.argmax(axis=1)
+    s_star = flat[np.arange(b), best]
+    if not reweight_b:
+        return s_star.astype(np.float32)
+    assert features is not None and nearest is not None and bank is not None
+    assert bank_index is not None
+    d = features.shape[-1]
+    m_test = features.reshape(b, -1, d)[np.arange(b), best]  # B x D
+    m_star = bank[nearest.reshape(b, -1)[np.arange(b), best]].astype(np.float32)
+    _, neigh = bank_index.search(m_star, reweight_b)  # includes m* itself
+    dists = np.linalg.norm(bank[neigh].astype(np.float32) - m_test[:, None, :], axis=2)
+    # Stable softmax weight of the nearest neighbour (exp of distances, as in Eq. 7).
+    weight = 1.0 - 1.0 / np.exp(dists - s_star[:, None]).sum(axis=1)
+    return (weight * s_star).astype(np.float32)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian taps, truncated at 4 sigma like scipy.ndimage.gaussian_filter."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    # scipy's default "reflect" mode repeats the edge sample (d c b a | a b c d | d c b a).
+    size = x.shape[dim]
+    if r > size:
+        reps = math.ceil(r / size)
+        x = torch.cat([x.flip(dim) if i % 2 == 0 else x for i in range(reps)][::-1] + [x] +
+                      [x.flip(dim) if i % 2 == 0 else x for i in range(reps)], dim=dim)
+        start = reps * size - r
+        return x.narrow(dim, start, size + 2 * r)
+    left = x.narrow(dim, 0, r).flip(dim)
+    right = x.narrow(dim, size - r, r).flip(dim)
+    return torch.cat([left, x, right], dim=dim)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of B x H x W maps, matching scipy.ndimage.gaussian_filter."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel(sigma).to(maps.device)
+    r = (len(k) - 1) // 2
+    x = maps[:, None]
+    x = F.conv2d(_symmetric_pad(x, r, 3), k.view(1, 1, 1, -1))
+    x = F.conv2d(_symmetric_pad(x, r, 2), k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def anomaly_maps(scores: np.ndarray, imagesize: int, sigma: float) -> np.ndarray:
+    """Patch score grids (B x h x w) -> blurred maps at the input size (B x S x S)."""
+    t = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[:, None]
+    t = F.interpolate(t, size=(imagesize, imagesize), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(t, sigma).numpy()
