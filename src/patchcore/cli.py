@@ -36,6 +36,20 @@ Layer = Annotated[list[str], typer.Option("-le", "--layer", help="Layer to take 
 Categories = Annotated[list[str], typer.Option("-d", "--category", help="Category folder under DATA; repeat. Default: all.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 Layout = Annotated[str, typer.Option("--layout", help="auto, mvtec, val or folder.")]
+SaveReports = Annotated[bool, typer.Option(
+    "--save-reports",
+    help="Plots, Bad_predictions.xlsx, index.html per category in OUT/reports/<category>.")]
+SaveSegmentation = Annotated[bool, typer.Option(
+    "--save-segmentation-images",
+    help="image | mask | overlay PNGs under OUT/segmentation/<category>.")]
+SaveScores = Annotated[bool, typer.Option(
+    "--save-anomaly-scores", help="CSV of path, group, label, score: OUT/scores/<category>.csv.")]
+LogProject = Annotated[str | None, typer.Option(
+    "--log-project", help="Write results under OUT/<project>/<group>.")]
+LogGroup = Annotated[str | None, typer.Option(
+    "--log-group", help="Run group under the project folder.")]
+Tracker = Annotated[str | None, typer.Option(
+    "--tracker", help="Also log to mlflow or wandb (if installed; local/offline store).")]
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -119,11 +133,23 @@ def fit(
     batch_size: Annotated[int, typer.Option()] = 8,
     num_workers: Annotated[int, typer.Option(help="Image decoding worker processes.")] = 0,
     evaluate: Annotated[bool, typer.Option(help="Evaluate on the test set after fitting.")] = True,
+    max_train: Annotated[int | None, typer.Option(
+        help="Use only the first N training images.")] = None,
+    threshold_fpr: Annotated[float | None, typer.Option(
+        help="Image threshold at this false-positive rate of normal validation scores.")] = None,
+    threshold_percentile: Annotated[float | None, typer.Option(
+        help="Image threshold at this percentile (0-100) of normal validation scores.")] = None,
+    save_reports: SaveReports = False,
+    save_segmentation_images: SaveSegmentation = False,
+    save_anomaly_scores: SaveScores = False,
+    log_project: LogProject = None,
+    log_group: LogGroup = None,
+    tracker: Tracker = None,
 ) -> None:
     """Fit one model per category and save it under OUTPUT/models/<category>."""
     from .data.layouts import category_folders, load_dataset
     from .evaluation import evaluate_split, write_results
-    from .model import PatchCore
+    from .model import PatchCore, parse_members
 
     config = _config(
         backbone=backbone, layer=layer, weights=weights, pretrained=not random_weights,
@@ -134,10 +160,20 @@ def fit(
         resize=resize, imagesize=imagesize, index=index, bank_dtype=bank_dtype,
         max_memory_mb=max_memory, seed=seed, device=device, batch_size=batch_size,
         num_workers=num_workers,
+        extra={k: v for k, v in (("threshold_fpr", threshold_fpr),
+                                 ("threshold_percentile", threshold_percentile)) if v is not None},
     )
+    from .reports.tracking import Tracker as _Tracker
+    from .reports.tracking import run_folder
+
+    output = run_folder(output, log_project, log_group)
+    track = _Tracker(tracker, output, log_project, log_group, "fit")
+    track.log_params(config.to_dict())
     rows = []
     for folder in category_folders(data, category):
         split = load_dataset(folder, layout, normal, train_val_split, seed)
+        if max_train is not None:
+            split.train = split.train[:max_train]
         model = PatchCore(config)
         model.progress = not State.quiet
         t0 = time.perf_counter()
@@ -146,13 +182,34 @@ def fit(
         path = model.save(output / "models" / split.name)
         _echo(f"{split.name}: fitted in {fit_s:.1f}s on {len(split.train)} images -> {path}")
         if evaluate and split.test:
-            row, _ = evaluate_split(model, split)
+            row, pred = evaluate_split(model, split)
             row["fit_seconds"] = round(fit_s, 2)
             rows.append(row)
+            _save_outputs(model, split, pred, row, output, normal, save_reports,
+                          save_segmentation_images, save_anomaly_scores)
+            track.log_metrics(row, prefix=f"{split.name}/")
     if rows:
         csv_path = write_results(rows, output)
         _print_table(rows)
         _echo(f"results: {csv_path}")
+    track.finish()
+
+
+def _save_outputs(
+    model: Any, split: Any, pred: Any, row: dict[str, Any], output: Path, normal: str,
+    reports: bool, segmentation: bool, scores: bool,
+) -> None:
+    """The optional per-category outputs of fit/evaluate (--save-reports etc.)."""
+    from .reports import save_anomaly_scores, save_segmentation_images, write_category_report
+
+    if reports:
+        files = write_category_report(model, split, pred, row, output / "reports" / split.name,
+                                      normal=normal)
+        _echo(f"{split.name}: report {files['index']}")
+    if segmentation:
+        save_segmentation_images(model, split.test, pred, output / "segmentation" / split.name)
+    if scores:
+        save_anomaly_scores(pred, output / "scores" / f"{split.name}.csv")
 
 
 @app.command()
@@ -167,13 +224,23 @@ def evaluate(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where results.csv goes (default RESULTS).")] = None,
     device: Device = "auto",
     batch_size: Annotated[int | None, typer.Option()] = None,
+    save_reports: SaveReports = False,
+    save_segmentation_images: SaveSegmentation = False,
+    save_anomaly_scores: SaveScores = False,
+    log_project: LogProject = None,
+    log_group: LogGroup = None,
+    tracker: Tracker = None,
 ) -> None:
     """Load saved models and evaluate them on their categories' test sets."""
     from .data.layouts import load_dataset
     from .evaluation import evaluate_split, write_results
     from .model import PatchCore
+    from .reports.tracking import Tracker as _Tracker
+    from .reports.tracking import run_folder
 
     models = _model_folders(results, category)
+    out = run_folder(output or results, log_project, log_group)
+    track = _Tracker(tracker, out, log_project, log_group, "evaluate")
     rows = []
     for name, model_dir in models:
         model = PatchCore.load(model_dir, device=device)
@@ -184,11 +251,15 @@ def evaluate(
             model.config = model.config.replace(**changes)
         folder = data / name if (data / name).is_dir() else data
         split = load_dataset(folder, layout, normal)
-        row, _ = evaluate_split(model, split)
+        row, pred = evaluate_split(model, split)
         rows.append(row)
-    csv_path = write_results(rows, output or results)
+        _save_outputs(model, split, pred, row, out, normal, save_reports,
+                      save_segmentation_images, save_anomaly_scores)
+        track.log_metrics(row, prefix=f"{name}/")
+    csv_path = write_results(rows, out)
     _print_table(rows)
     _echo(f"results: {csv_path}")
+    track.finish()
 
 
 def _model_folders(results: Path, categories: list[str] | None) -> list[tuple[str, Path]]:
@@ -274,6 +345,42 @@ def _expand(paths: list[str], list_images) -> list[Path]:
                 raise DataError(f"{item}: no such file, folder or matching images")
             files += matches
     return files
+
+
+@app.command()
+def explain(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="A saved model folder.")],
+    image: Annotated[Path, typer.Argument(help="The image to explain.")],
+    patch: Annotated[str | None, typer.Option(
+        help="ROW,COL of the patch on the feature grid (default: the most anomalous).")] = None,
+    gif: Annotated[bool, typer.Option("--gif", help="Also animate over all patches.")] = False,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path(
+        "explanations"),
+    device: Device = "auto",
+) -> None:
+    """Show a patch of IMAGE beside its nearest memory-bank patch and that patch's source."""
+    from .errors import ConfigError
+    from .explain import explain_patch, save_explanation, save_explanation_gif
+    from .model import PatchCore
+
+    cell = None
+    if patch:
+        try:
+            cell = tuple(int(v) for v in patch.split(","))
+            assert len(cell) == 2
+        except (ValueError, AssertionError):
+            raise ConfigError(f"--patch must look like ROW,COL, got {patch!r}") from None
+    model = PatchCore.load(model_dir, device=device)
+    model.progress = not State.quiet
+    info = explain_patch(model, image, cell)
+    figure = save_explanation(model, info, output / f"{image.stem}_explain.png")
+    (output / f"{image.stem}_explain.json").write_text(json.dumps(info, indent=2))
+    _echo(f"patch {info['patch']} -> bank row {info['nearest_row']} from {info['source_path']} "
+          f"at {info['source_position']}, {info['distance_metric']} distance "
+          f"{info['distance']:.4f}: {figure}")
+    if gif:
+        path = save_explanation_gif(model, image, output / f"{image.stem}_explain.gif")
+        _echo(f"animation: {path}")
 
 
 @app.command()

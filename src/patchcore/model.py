@@ -125,6 +125,7 @@ class PatchCore:
         self.train_paths_: list[str] = []
         self.feature_grid_: tuple[int, int] | None = None
         self.fit_info_: dict[str, Any] = {}
+        self.calibration_prediction_: Prediction | None = None
         self.progress = True
         self._device: torch.device | None = None
 
@@ -207,8 +208,11 @@ class PatchCore:
                 member.norm = _self_distance_stats(member, c.seed)
         self.fit_info_ = info
         self.calibration_ = {}
+        self.calibration_prediction_ = None
         if val_samples:
-            self.calibrate(val_samples)
+            extra = c.extra or {}
+            self.calibrate(val_samples, threshold_fpr=extra.get("threshold_fpr"),
+                           threshold_percentile=extra.get("threshold_percentile"))
         return self
 
     def _fit_member(self, member: Member, samples: list[Sample], m: int) -> dict[str, Any]:
@@ -348,19 +352,33 @@ class PatchCore:
 
     # -- calibration ------------------------------------------------------------------------
 
-    def calibrate(self, samples: Sequence[Sample], good_percentile: float = 99.0) -> dict:
+    def calibrate(
+        self, samples: Sequence[Sample], good_percentile: float = 99.0,
+        threshold_fpr: float | None = None, threshold_percentile: float | None = None,
+    ) -> dict:
         """Thresholds and min/max from validation samples (normal, optionally anomalous too).
 
         With anomalous images the image threshold maximises F1; with normal images only it is the
-        `good_percentile` of their scores. Pixel thresholds likewise use masks when present.
+        `good_percentile` of their scores. `threshold_fpr` (a false-positive rate) or
+        `threshold_percentile` (0-100) pick the threshold from the normal scores alone (production
+        rule), even when anomalous images are present. Pixel thresholds likewise use masks when
+        present. The calibration Prediction is kept in `calibration_prediction_`.
         """
         samples = _as_samples(samples)
         has_masks = any(s.mask is not None for s in samples)
         pred = self.score(samples, masks=has_masks, desc="calibration")
+        self.calibration_prediction_ = pred
         labels = np.array([max(s.label, 0) for s in samples])
         cal: dict[str, Any] = {"source_images": len(samples),
                                "anomalous_images": int(labels.sum())}
-        if labels.min() != labels.max():
+        good_scores = pred.scores[labels == 0] if (labels == 0).any() else pred.scores
+        if threshold_fpr is not None:
+            thr = metrics.threshold_at_fpr(good_scores, threshold_fpr)
+            cal["image_threshold_rule"] = f"{threshold_fpr:g} false-positive rate on normal scores"
+        elif threshold_percentile is not None:
+            thr = metrics.threshold_at_percentile(good_scores, threshold_percentile)
+            cal["image_threshold_rule"] = f"{threshold_percentile:g}th percentile of normal scores"
+        elif labels.min() != labels.max():
             _, thr = metrics.f1_max(labels, pred.scores)
             cal["image_threshold_rule"] = "f1_max on validation"
         else:
