@@ -42,7 +42,7 @@ def pooling_matrix(n_in: int, n_out: int) -> torch.Tensor:
 class LayerProjection:
     """The fused patchify + pooling kernel of one layer, writing output channels [start, stop)."""
 
-    weight: torch.Tensor  # (stop - start) x (C / groups) x p x p
+    weight: torch.Tensor  # (stop - start) x (C / groups) x p x p, float64
     groups: int
     start: int
     stop: int
@@ -84,7 +84,7 @@ def build_projections(
         weight = torch.cat(
             [block[i * r : (i + 1) * r, i * cg : (i + 1) * cg] for i in range(groups)], dim=0
         )
-        out.append(LayerProjection(weight.float(), groups, start, stop))
+        out.append(LayerProjection(weight, groups, start, stop))
     return out
 
 
@@ -158,7 +158,8 @@ class FeatureExtractor(nn.Module):
         )
         self._proj = projections
         for i, p in enumerate(projections):
-            self.register_buffer(f"proj_weight_{i}", p.weight.to(self.device), persistent=False)
+            weight = p.weight.float().to(self.device)
+            self.register_buffer(f"proj_weight_{i}", weight, persistent=False)
         self.feature_grid = self._out_size(self.grid_sizes[0])
 
     def _register_hooks(self) -> None:

@@ -273,8 +273,7 @@ class PatchCore:
             feats = self._extractor(member)(images).cpu().numpy()
             ps, nearest = patch_scores(member.index, feats, c.anomaly_scorer_num_nn)
             b = c.reweight_neighbourhood if c.reweight else 0
-            bank = member.bank.astype(np.float32) if member.bank.dtype != np.float32 else member.bank
-            img = image_scores(ps, feats, nearest, bank, member.index, b)
+            img = image_scores(ps, feats, nearest, member.bank, member.index, b)
             if ensemble:
                 mu, sd = member.norm
                 ps, img = (ps - mu) / sd, (img - mu) / sd

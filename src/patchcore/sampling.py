@@ -47,7 +47,8 @@ def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
     matrix = (rng.standard_normal((d, dim)) / math.sqrt(dim)).astype(np.float32)
     out = np.empty((len(features), dim), dtype=np.float32)
     for start in range(0, len(features), CHUNK):
-        out[start : start + CHUNK] = np.asarray(features[start : start + CHUNK], np.float32) @ matrix
+        chunk = np.asarray(features[start : start + CHUNK], np.float32)
+        out[start : start + CHUNK] = chunk @ matrix
     return out
 
 
@@ -227,7 +228,9 @@ def get_sampler(
 ) -> Sampler:
     """The sampler registered under `name`."""
     if name == "approx_greedy_coreset":
-        return ApproximateGreedyCoresetSampler(projection_dim, num_starting_points, device, progress)
+        return ApproximateGreedyCoresetSampler(
+            projection_dim, num_starting_points, device, progress
+        )
     if name == "greedy_coreset":
         return GreedyCoresetSampler(device, progress)
     if name == "random":

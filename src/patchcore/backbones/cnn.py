@@ -139,7 +139,8 @@ def _lite_load(spec: BackboneSpec, weights: str | None, variant: int) -> dict[st
 
 
 def _lite_available(spec: BackboneSpec, variant: int) -> bool:
-    return _lite_package_file(variant) is not None or W.user_weights(spec.name, None, []) is not None
+    return (_lite_package_file(variant) is not None
+            or W.user_weights(spec.name, None, []) is not None)
 
 
 for _variant, _size in ((0, 224), (1, 240), (2, 260)):

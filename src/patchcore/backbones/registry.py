@@ -17,7 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def cnn_grid(output: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
     """A CNN feature map is already a B x C x H x W grid."""
     if output.ndim != 4:
-        raise BackboneError(f"{spec.name}: expected a B x C x H x W feature map, got {output.shape}")
+        raise BackboneError(
+            f"{spec.name}: expected a B x C x H x W feature map, got {tuple(output.shape)}")
     return output
 
 

@@ -17,7 +17,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 def offline() -> bool:
     """True when the user asked for no downloads (PATCHCORE_OFFLINE or HF_HUB_OFFLINE)."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PATCHCORE_OFFLINE", "HF_HUB_OFFLINE"))
+    names = ("PATCHCORE_OFFLINE", "HF_HUB_OFFLINE")
+    return any(os.environ.get(v, "") not in ("", "0") for v in names)
 
 
 def weights_dir() -> Path | None:

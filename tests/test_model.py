@@ -1,0 +1,74 @@
+"""The estimator end to end on generated images with known defects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAST
+from PIL import Image
+
+from patchcore import NotFittedError, PatchCore, metrics
+from patchcore.config import PatchCoreConfig
+from patchcore.errors import ConfigError
+
+
+def test_detects_and_localises_generated_defects(fitted, split):
+    pred = fitted.score(split.test, masks=True)
+    labels = pred.true_labels
+    assert labels.sum() == 8 and (labels == 0).sum() == 6
+    # Pasted scratches and spots on a texture are easy for PatchCore: near-perfect separation.
+    assert metrics.image_auroc(labels, pred.scores) >= 0.95
+    assert metrics.pixel_auroc(pred.masks, pred.maps) >= 0.9
+    assert metrics.pro_score(pred.masks, pred.maps) >= 0.6
+    # Inside each defect the map is higher than in the normal area of the same image.
+    for i in np.flatnonzero(labels):
+        m = pred.masks[i]
+        assert pred.maps[i][m].mean() > pred.maps[i][~m].mean()
+
+
+def test_bank_size_and_provenance(fitted):
+    member = fitted.members_[0]
+    h, w = fitted.feature_grid_
+    n_train = len(fitted.train_paths_)
+    assert len(member.bank) == int(n_train * h * w * 0.1)
+    assert member.image_index.max() < n_train
+    assert member.position[:, 0].max() < h and member.position[:, 1].max() < w
+
+
+def test_calibration_from_held_out_images(fitted, split):
+    cal = fitted.calibration_
+    assert cal["source_images"] == len(split.train) - len(fitted.train_paths_) > 0
+    pred = fitted.score(split.test)
+    np.testing.assert_array_equal(pred.labels, pred.scores >= cal["image_threshold"])
+    assert ((pred.calibrated >= 0.5) == (pred.labels == 1)).all()
+    assert pred.calibrated.min() >= 0 and pred.calibrated.max() <= 1
+
+
+def test_maps_at_original_size_and_other_inputs(fitted, split):
+    path = split.test[-1].path
+    img = Image.open(path).convert("RGB").resize((200, 130))
+    pred = fitted.predict([img, np.asarray(img), np.asarray(img.convert("L"))])
+    assert pred.original_map(0).shape == (130, 200)
+    np.testing.assert_allclose(pred.scores[0], pred.scores[1], rtol=1e-5)
+    by_path = fitted.predict(path)
+    assert by_path.original_map(0).shape == Image.open(path).size[::-1]
+
+
+def test_same_seed_same_model(split):
+    a = PatchCore(**FAST, seed=3, calibration_holdout=0.0)
+    b = PatchCore(**FAST, seed=3, calibration_holdout=0.0)
+    a.progress = b.progress = False
+    a.fit(split.train[:6])
+    b.fit(split.train[:6])
+    np.testing.assert_array_equal(a.members_[0].bank, b.members_[0].bank)
+    sa, sb = a.score(split.test[:4]).scores, b.score(split.test[:4]).scores
+    np.testing.assert_array_equal(sa, sb)
+
+
+def test_unfitted_model_and_bad_config():
+    with pytest.raises(NotFittedError):
+        PatchCore(**FAST).predict(np.zeros((32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ConfigError, match="sampler"):
+        PatchCoreConfig(sampler="kmeans")
+    with pytest.raises(ConfigError, match="percentage"):
+        PatchCoreConfig(percentage=0)

@@ -1,0 +1,103 @@
+"""Model folders: identical scores after a round trip; clear errors for damaged or foreign files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from patchcore import ModelFileError, PatchCore
+from patchcore.storage import BANK_FILE, CONFIG_FILE
+
+
+@pytest.fixture()
+def saved(fitted, tmp_path):
+    return fitted.save(tmp_path / "model")
+
+
+def test_round_trip_gives_identical_scores(fitted, split, saved):
+    loaded = PatchCore.load(saved)
+    loaded.progress = False
+    a = fitted.score(split.test, masks=False)
+    b = loaded.score(split.test, masks=False)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.maps, b.maps)
+    assert loaded.calibration_ == fitted.calibration_
+    assert loaded.config == fitted.config
+    assert sorted(p.name for p in saved.iterdir()) == [CONFIG_FILE, BANK_FILE]
+
+
+def test_config_json_is_complete(saved):
+    doc = json.loads((saved / CONFIG_FILE).read_text())
+    assert doc["format"] == "patchcore-model" and doc["format_version"] == 1
+    for key in ("backbone", "layers", "percentage", "resize", "imagesize", "seed"):
+        assert key in doc["config"]
+    assert doc["members"][0]["layers"] == ["blocks.2", "blocks.4"]
+    assert "image_threshold" in doc["calibration"]
+
+
+def test_foreign_and_corrupt_files_are_rejected(saved, tmp_path):
+    cases = {}
+    bad = tmp_path / "notjson"
+    shutil.copytree(saved, bad)
+    (bad / CONFIG_FILE).write_text("{not json")
+    cases[bad] = "corrupt or not JSON"
+    foreign = tmp_path / "foreign"
+    shutil.copytree(saved, foreign)
+    (foreign / CONFIG_FILE).write_text(json.dumps({"model": "something else"}))
+    cases[foreign] = "not a patchcore model file"
+    future = tmp_path / "future"
+    shutil.copytree(saved, future)
+    doc = json.loads((future / CONFIG_FILE).read_text())
+    doc["format_version"] = 99
+    (future / CONFIG_FILE).write_text(json.dumps(doc))
+    cases[future] = "format version 99"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(saved, truncated)
+    data = (truncated / BANK_FILE).read_bytes()
+    (truncated / BANK_FILE).write_bytes(data[: len(data) // 2])
+    cases[truncated] = "corrupt or not a safetensors"
+    pickle_file = tmp_path / "pickled"
+    shutil.copytree(saved, pickle_file)
+    (pickle_file / BANK_FILE).write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n" * 10)
+    cases[pickle_file] = "corrupt or not a safetensors"
+    for folder, message in cases.items():
+        with pytest.raises(ModelFileError, match=message) as info:
+            PatchCore.load(folder)
+        assert str(folder) in str(info.value)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        PatchCore.load(tmp_path / "nowhere")
+
+
+def test_tampered_bank_shape_is_rejected(saved, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(saved, tampered)
+    tensors = load_file(str(tampered / BANK_FILE))
+    tensors["member0.bank"] = tensors["member0.bank"][:-5]
+    save_file(tensors, str(tampered / BANK_FILE))
+    with pytest.raises(ModelFileError, match="do not belong together|does not match"):
+        PatchCore.load(tampered)
+    tensors = load_file(str(saved / BANK_FILE))
+    tensors["extra"] = np.zeros(3, dtype=np.float32)
+    extra = tmp_path / "extra"
+    shutil.copytree(saved, extra)
+    save_file(tensors, str(extra / BANK_FILE))
+    with pytest.raises(ModelFileError, match="unexpected tensors"):
+        PatchCore.load(extra)
+
+
+def test_interrupted_save_keeps_the_previous_model(fitted, saved, monkeypatch):
+    before = (saved / BANK_FILE).read_bytes()
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.numpy.save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        fitted.save(saved)
+    assert (saved / BANK_FILE).read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
+    PatchCore.load(saved)
