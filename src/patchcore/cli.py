@@ -76,10 +76,14 @@ def _echo(text: str) -> None:
 def _config(**values: Any) -> PatchCoreConfig:
     backbones = values.pop("backbone") or ["efficientnet_lite2"]
     layers = values.pop("layer") or None
-    return PatchCoreConfig(
+    from .model import parse_members
+
+    config = PatchCoreConfig(
         backbone=backbones[0] if len(backbones) == 1 else tuple(backbones),
         layers=tuple(layers) if layers else None, **values,
     )
+    parse_members(config.backbone, config.layers)  # unknown backbones fail before any work
+    return config
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -149,7 +153,7 @@ def fit(
     """Fit one model per category and save it under OUTPUT/models/<category>."""
     from .data.layouts import category_folders, load_dataset
     from .evaluation import evaluate_split, write_results
-    from .model import PatchCore, parse_members
+    from .model import PatchCore
 
     config = _config(
         backbone=backbone, layer=layer, weights=weights, pretrained=not random_weights,
@@ -381,6 +385,63 @@ def explain(
     if gif:
         path = save_explanation_gif(model, image, output / f"{image.stem}_explain.gif")
         _echo(f"animation: {path}")
+
+
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Argument(help="Dataset root (category folders) or one category.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Tuning folder.")] = Path("tune"),
+    category: Categories = None,
+    grid: Annotated[str, typer.Option(
+        help='Search grid, e.g. "percentage=0.01,0.1;anomaly_scorer_num_nn=1,3;'
+             'distance=euclidean,cosine" (layers as layer2+layer3).')] = "percentage=0.01,0.1",
+    random_points: Annotated[int | None, typer.Option(
+        "--random", help="Evaluate N random points of the grid instead of all.")] = None,
+    layout: Layout = "auto",
+    normal: Annotated[str, typer.Option(help="Name of the normal-images folder.")] = "good",
+    backbone: Backbone = None,
+    layer: Layer = None,
+    random_weights: Annotated[bool, typer.Option(help="Random backbone weights.")] = False,
+    resize: Annotated[int, typer.Option()] = 256,
+    imagesize: Annotated[int, typer.Option()] = 224,
+    max_train: Annotated[int | None, typer.Option(
+        help="Use only the first N training images.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    log_project: LogProject = None,
+    log_group: LogGroup = None,
+    tracker: Tracker = None,
+) -> None:
+    """Grid or random search; features cached per feature setting; reruns resume."""
+    from .data.layouts import category_folders, load_dataset
+    from .reports.tracking import Tracker as _Tracker
+    from .reports.tracking import run_folder
+    from .tuning import parse_grid
+    from .tuning import tune as run_tune
+
+    config = _config(backbone=backbone, layer=layer, pretrained=not random_weights,
+                     resize=resize, imagesize=imagesize, seed=seed, device=device,
+                     batch_size=batch_size)
+    search = parse_grid(grid)
+    output = run_folder(output, log_project, log_group)
+    folders = category_folders(data, category)
+    for folder in folders:
+        split = load_dataset(folder, layout, normal, 1.0, seed)
+        if max_train is not None:
+            split.train = split.train[:max_train]
+        out = output if len(folders) == 1 else output / split.name
+        track = _Tracker(tracker, out, log_project, log_group, f"tune-{split.name}")
+        track.log_params({"grid": grid, **config.to_dict()})
+        result = run_tune(split, out, search, config, random_points, not State.quiet, track)
+        track.finish()
+        _echo(f"{split.name}: evaluated {result.evaluated} points, skipped {result.skipped} "
+              f"finished ones -> {out / 'tune_results.csv'}")
+        best = result.best
+        if best is not None:
+            typer.echo(f"{split.name} best: {json.dumps(best['params'])}  image_auroc "
+                       f"{best['image_auroc']:.4f}  pixel_auroc {best['pixel_auroc']:.4f}  "
+                       f"pro {best['pro']:.4f}")
 
 
 @app.command()

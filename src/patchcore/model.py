@@ -157,6 +157,7 @@ class PatchCore:
                 pretrain_embed_dimension=c.pretrain_embed_dimension,
                 target_embed_dimension=c.target_embed_dimension, patchsize=c.patchsize,
                 patchstride=c.patchstride, imagesize=c.imagesize, device=self.device,
+                dtype=c.backbone_dtype,
             )
         return member.extractor
 
@@ -373,6 +374,9 @@ class PatchCore:
         good_scores = pred.scores[labels == 0] if (labels == 0).any() else pred.scores
         if threshold_fpr is not None:
             thr = metrics.threshold_at_fpr(good_scores, threshold_fpr)
+            # Scores are float32 and compared in float32: round the threshold up, not down.
+            t32 = np.float32(thr)
+            thr = float(np.nextafter(t32, np.float32(np.inf)) if float(t32) < thr else t32)
             cal["image_threshold_rule"] = f"{threshold_fpr:g} false-positive rate on normal scores"
         elif threshold_percentile is not None:
             thr = metrics.threshold_at_percentile(good_scores, threshold_percentile)
