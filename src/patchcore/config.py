@@ -12,6 +12,7 @@ SAMPLERS = ("approx_greedy_coreset", "greedy_coreset", "random", "identity")
 DISTANCES = ("euclidean", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+BACKBONE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class PatchCoreConfig:
     blur_sigma: float = 4.0
     index: str = "flat"  # faiss index: flat (exact), ivf or hnsw (approximate)
     bank_dtype: str = "float32"  # float32 or float16 storage of the memory bank
+    # Backbone precision: float32, or float16 / bfloat16 for large models (GPU). On CPU use
+    # bfloat16: many CPU float16 kernels (convolutions) are missing or slow.
+    backbone_dtype: str = "float32"
     calibration_holdout: float = 0.1  # share of train images held out when no validation set
     seed: int = 0
     batch_size: int = 8
@@ -60,6 +64,8 @@ class PatchCoreConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.index in INDEX_TYPES, f"index must be one of {INDEX_TYPES}"),
             (self.bank_dtype in ("float32", "float16"), "bank_dtype must be float32 or float16"),
+            (self.backbone_dtype in BACKBONE_DTYPES,
+             f"backbone_dtype must be one of {BACKBONE_DTYPES}, got {self.backbone_dtype!r}"),
             (0.0 < self.percentage <= 1.0, f"percentage must be in (0, 1], got {self.percentage}"),
             (self.patchsize >= 1 and self.patchsize % 2 == 1, "patchsize must be a positive odd"),
             (self.patchstride >= 1, "patchstride must be >= 1"),

@@ -113,6 +113,7 @@ class FeatureExtractor(nn.Module):
         patchstride: int = 1,
         imagesize: int = 224,
         device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         super().__init__()
         self.spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -121,6 +122,8 @@ class FeatureExtractor(nn.Module):
         self.patchstride = patchstride
         self.target_dim = target_embed_dimension
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        # Backbone precision; embeddings are always returned as float32.
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
         if imagesize % self.spec.patch_multiple:
             raise BackboneError(
                 f"{self.spec.name}: imagesize {imagesize} must be a multiple of "
@@ -148,6 +151,7 @@ class FeatureExtractor(nn.Module):
         self._last_layer = None
         self._register_hooks()
         self.to(self.device)
+        self.backbone.to(self.dtype)
         # One dry pass finds the execution order (to stop after the last layer) and the shapes.
         with torch.inference_mode():
             grids = self._layer_grids(torch.zeros(1, 3, imagesize, imagesize, device=self.device))
@@ -171,7 +175,10 @@ class FeatureExtractor(nn.Module):
                     output = output[0]
                 self._outputs[layer] = output
                 if self._last_layer is None:
-                    order.append(layer)
+                    if layer not in order:
+                        order.append(layer)
+                    if len(order) == len(self._modules_by_layer):
+                        raise _StopForward  # dry pass: skip the rest (heads, attention pools)
                 elif layer == self._last_layer:
                     raise _StopForward
 
@@ -194,7 +201,7 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"{self.spec.name}: layers {missing} produced no output")
 
     def _layer_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
-        self._run_backbone(images)
+        self._run_backbone(images.to(self.dtype))
         grids = [self.spec.to_grid(self._outputs[layer], self.spec) for layer in self.layers]
         self._outputs = {}
         return [g.float() for g in grids]
