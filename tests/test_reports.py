@@ -157,7 +157,8 @@ def test_ood_report_on_nested_groups(fitted, tmp_path: Path) -> None:
     split = load_dataset(root / "carpet")
     assert split.layout == "folder"
     pred = model.score(split.test)
-    rows, section = ood_report(pred, tmp_path / "ood", "good", model.calibration_["image_threshold"])
+    thr = model.calibration_["image_threshold"]
+    rows, section = ood_report(pred, tmp_path / "ood", "good", thr)
     names = [r["group"] for r in rows]
     assert names[0] == "good" and "scratch" in names and "scratch/batch1" in names
     assert math.isnan(rows[0]["auroc_vs_normal"])
