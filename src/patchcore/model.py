@@ -152,13 +152,16 @@ class PatchCore:
     def _extractor(self, member: Member) -> FeatureExtractor:
         if member.extractor is None:
             c = self.config
-            member.extractor = FeatureExtractor(
-                member.backbone, member.layers, pretrained=c.pretrained, weights=c.weights,
-                pretrain_embed_dimension=c.pretrain_embed_dimension,
-                target_embed_dimension=c.target_embed_dimension, patchsize=c.patchsize,
-                patchstride=c.patchstride, imagesize=c.imagesize, device=self.device,
-                dtype=c.backbone_dtype,
-            )
+            # Seeded so that random-weight backbones (pretrained=False) are the same after load.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed)
+                member.extractor = FeatureExtractor(
+                    member.backbone, member.layers, pretrained=c.pretrained, weights=c.weights,
+                    pretrain_embed_dimension=c.pretrain_embed_dimension,
+                    target_embed_dimension=c.target_embed_dimension, patchsize=c.patchsize,
+                    patchstride=c.patchstride, imagesize=c.imagesize, device=self.device,
+                    dtype=c.backbone_dtype,
+                )
         return member.extractor
 
     def _threads(self) -> None:
