@@ -1,4 +1,4 @@
-"""Backbone zoo: feature grids per family, localisation, ensembles, errors (offline, random weights)."""
+"""Backbone zoo: grids per family, localisation, ensembles, errors (offline, random weights)."""
 
 from __future__ import annotations
 
