@@ -176,3 +176,41 @@ def test_group_table_auroc() -> None:
     assert rows["a"]["auroc_vs_normal"] == 1.0 and rows["a"]["n"] == 2
     assert rows["b"]["auroc_vs_normal"] == pytest.approx(1 / 3)
     assert rows["a/x"]["flagged_share"] == 1.0 and rows["good"]["flagged_share"] == 0.0
+
+
+def test_evaluate_cli_saves_reports(fitted, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    model, split, _, _ = fitted
+    model_dir = model.save(tmp_path / "models" / "carpet")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "-q", "evaluate", str(model_dir), str(split.root), "--device", "cpu", "-o", str(out),
+        "--save-reports", "--save-anomaly-scores", "--log-project", "P", "--log-group", "G"])
+    assert result.exit_code == 0, result.output
+    base = out / "P" / "G"
+    assert (base / "results.csv").is_file() and (base / "scores" / "carpet.csv").is_file()
+    for name in ("index.html", "Density_val.png", "Density_test.png", "Bad_predictions.xlsx"):
+        assert (base / "reports" / "carpet" / name).is_file(), name
+    result = CliRunner().invoke(app, ["evaluate", str(model_dir), str(split.root),
+                                      "--tracker", "nonexistent-tracker", "-o", str(out)])
+    assert result.exit_code != 0
+
+
+def test_tracking_folders_and_missing_tracker(tmp_path: Path) -> None:
+    import importlib.util
+
+    from patchcore.errors import ConfigError
+    from patchcore.reports.tracking import Tracker, run_folder
+
+    assert run_folder(tmp_path, "P", "G") == tmp_path / "P" / "G"
+    assert run_folder(tmp_path, None, None) == tmp_path
+    Tracker(None, tmp_path).log_metrics({"a": 1.0})  # no tracker: a no-op
+    for kind in ("mlflow", "wandb"):
+        if importlib.util.find_spec(kind) is None:
+            with pytest.raises(ConfigError, match="not installed"):
+                Tracker(kind, tmp_path)
+    with pytest.raises(ConfigError):
+        Tracker("tensorboard", tmp_path)

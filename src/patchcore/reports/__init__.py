@@ -28,13 +28,14 @@ def _true_labels(pred: Any) -> np.ndarray:
 
 def write_category_report(
     model: Any, split: Any, pred: Any, row: dict[str, Any], folder: Path,
-    normal: str = "good", thumb: int = 112,
+    normal: str = "good", thumb: int = 112, max_unseen: int = 50,
 ) -> dict[str, Path]:
     """Plots, Bad_predictions.xlsx, results.csv/json and index.html of one category.
 
     `pred` is the test Prediction and `row` its results row (evaluation.evaluate_split). The
-    validation density uses `model.calibration_prediction_`, or scores `split.val` when the
-    model was loaded from disk. Folder layouts with several test groups get an OOD section.
+    validation density uses `model.calibration_prediction_`, or scores `split.val` (or up to
+    `max_unseen` normal training images the model did not train on) for a model loaded from
+    disk. Folder layouts with several test groups get an OOD section.
     """
     from ..evaluation import write_results
     from .html import data_table, embed_file, img_tag, metrics_table, write_page
@@ -47,12 +48,20 @@ def write_category_report(
     thr = cal.get("image_threshold")
     labels = _true_labels(pred)
     out: dict[str, Path] = {}
-    val_pred = getattr(model, "calibration_prediction_", None)
+    val_pred, val_title = getattr(model, "calibration_prediction_", None), "Validation scores"
     if val_pred is None and getattr(split, "val", None):
         val_pred = model.score(split.val, desc=f"validation [{split.name}]")
+    elif val_pred is None and model.train_paths_:
+        # A model loaded from disk, calibrated on held-out training images: score normal
+        # training images it has not seen (the calibration images among them).
+        seen = set(model.train_paths_)
+        unseen = [s for s in split.train if str(s.path) not in seen][:max_unseen]
+        if unseen:
+            val_pred = model.score(unseen, desc=f"held-out normals [{split.name}]")
+            val_title = f"Held-out normal training images (n={len(unseen)})"
     if val_pred is not None:
         out["Density_val"] = save_figure(
-            density_plot(val_pred.scores, _true_labels(val_pred), thr, "Validation scores"),
+            density_plot(val_pred.scores, _true_labels(val_pred), thr, val_title),
             folder / "Density_val.png")
     out["Density_test"] = save_figure(
         density_plot(pred.scores, labels, thr, "Test scores"), folder / "Density_test.png")
