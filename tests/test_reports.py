@@ -129,7 +129,7 @@ def test_category_report(fitted, tmp_path: Path) -> None:
     assert len(parser.links) >= 2 * len(pred) + 5
     for link in parser.links:
         assert link.startswith("data:") or (folder / link).exists(), link
-    assert "sortTable" in page and page.count("<tr>") >= len(pred)
+    assert "sortTable" in page and page.count("<tr class='bad'>") == len(wrong)
     header = (folder / "results.csv").read_text().splitlines()[0]
     assert "image_auroc" in header and "f1_at_threshold" in header
 

@@ -100,7 +100,8 @@ def write_category_report(
     columns = ["image", "overlay", "path", "group", "true label", "score", "calibrated",
                "predicted", "correct"]
     sections.append((f"Test images ({len(pred)}, {len(bad)} misclassified; click a header to "
-                     "sort)", data_table(columns, rows, "images")))
+                     "sort)", data_table(columns, rows, "images",
+                                ["bad" if i in bad else "" for i in range(len(pred))])))
     out["index"] = write_page(folder / "index.html", f"PatchCore report: {split.name}", sections)
     return out
 

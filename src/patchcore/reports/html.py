@@ -47,12 +47,15 @@ def metrics_table(row: dict[str, Any], skip: Sequence[str] = ()) -> str:
     return f"<table class='metrics'>{cells}</table>"
 
 
-def data_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str = "") -> str:
+def data_table(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str = "",
+    row_classes: Sequence[str] | None = None,
+) -> str:
     """A table whose headers sort it on click; cells may be (html, sort value) pairs."""
     head = "".join(f"<th class='sortable' onclick='sortTable(this)'>{html.escape(c)}</th>"
                    for c in columns)
     body = []
-    for r in rows:
+    for n, r in enumerate(rows):
         cells = []
         for v in r:
             if isinstance(v, tuple):
@@ -60,7 +63,8 @@ def data_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], table_id: 
                 cells.append(f"<td data-value='{html.escape(str(key))}'>{shown}</td>")
             else:
                 cells.append(f"<td>{_cell(v)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        cls = f" class='{row_classes[n]}'" if row_classes and row_classes[n] else ""
+        body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     ident = f" id='{table_id}'" if table_id else ""
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
