@@ -147,6 +147,18 @@ def test_ensemble_save_load_round_trip(dataset: Path, tmp_path: Path) -> None:
     assert [m.backbone for m in loaded.members_] == ["resnet18", "timm:vit_tiny_patch16_224"]
 
 
+def test_ensemble_members_get_their_own_normalisation() -> None:
+    model = PatchCore(backbone=("resnet18", "timm:vit_tiny_patch16_224"), **SMALL)
+    members = model._members_or_parse()  # noqa: SLF001
+    raw = torch.rand(1, 3, 8, 8)
+    first = get_backbone(members[0].backbone)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (first.mean, first.std))
+    norm = (raw - mean) / std
+    expected = (raw - 0.5) / 0.5  # vit_tiny's own mean / std
+    torch.testing.assert_close(model._for_member(norm, members[1]), expected)  # noqa: SLF001
+    assert model._for_member(norm, members[0]) is norm  # noqa: SLF001
+
+
 # --- errors and listing ----------------------------------------------------------------------
 
 def test_unknown_backbone() -> None:

@@ -164,6 +164,19 @@ class PatchCore:
                 )
         return member.extractor
 
+    def _for_member(self, images: torch.Tensor, member: Member) -> torch.Tensor:
+        """Re-normalise images (normalised for the first backbone) for `member`'s mean / std."""
+        first = get_backbone(self.members_[0].backbone)
+        spec = get_backbone(member.backbone)
+        if (spec.mean, spec.std) == (first.mean, first.std):
+            return images
+
+        def col(v: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(v, dtype=images.dtype).view(1, -1, 1, 1)
+
+        raw = images * col(first.std) + col(first.mean)
+        return (raw - col(spec.mean)) / col(spec.std)
+
     def _threads(self) -> None:
         if self.device.type == "cpu":
             import faiss
@@ -231,7 +244,7 @@ class PatchCore:
                 total=-(-len(samples) // c.batch_size), desc=f"features [{member.backbone}]",
                 unit="batch", disable=not self.progress, leave=False,
             ):
-                feats = extractor(batch.images)
+                feats = extractor(self._for_member(batch.images, member))
                 store.append(feats.reshape(-1, feats.shape[-1]).cpu().numpy())
             t1 = time.perf_counter()
             total = store.rows
@@ -274,7 +287,7 @@ class PatchCore:
         ensemble = len(self.members_) > 1
         img_total = np.zeros(images.shape[0], dtype=np.float32)
         for member in self.members_:
-            feats = self._extractor(member)(images).cpu().numpy()
+            feats = self._extractor(member)(self._for_member(images, member)).cpu().numpy()
             ps, nearest = patch_scores(member.index, feats, c.anomaly_scorer_num_nn)
             b = c.reweight_neighbourhood if c.reweight else 0
             img = image_scores(ps, feats, nearest, member.bank, member.index, b)
