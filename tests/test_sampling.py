@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from patchcore.sampling import (
@@ -31,12 +32,14 @@ def test_greedy_covers_better_than_random():
     assert coverage_radius(x, greedy) <= coverage_radius(x, rand)
 
 
-def test_pruned_loop_picks_exactly_what_the_plain_loop_picks():
+@pytest.mark.parametrize("with_init", [True, False])
+def test_batched_loop_picks_exactly_what_the_plain_loop_picks(with_init):
     x = _clustered(4000, 16, seed=3)
-    s = ApproximateGreedyCoresetSampler(progress=False)
-    init = s.initial_distances(x, 0)
-    fast = greedy_k_center(x, 400, init, progress=False)
-    plain = greedy_k_center_dense(torch.from_numpy(x), 400, torch.from_numpy(init))
+    init = ApproximateGreedyCoresetSampler(progress=False).initial_distances(x, 0)
+    fast = greedy_k_center(x, 400, init if with_init else None, seed=2, progress=False,
+                           candidates=64)
+    plain = greedy_k_center_dense(torch.from_numpy(x), 400,
+                                  torch.from_numpy(init) if with_init else None, seed=2)
     np.testing.assert_array_equal(fast, plain)
 
 

@@ -44,11 +44,11 @@ def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
     if dim >= d:
         return np.ascontiguousarray(features, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    matrix = (rng.standard_normal((d, dim)) / math.sqrt(dim)).astype(np.float32)
+    matrix = torch.from_numpy((rng.standard_normal((d, dim)) / math.sqrt(dim)).astype(np.float32))
     out = np.empty((len(features), dim), dtype=np.float32)
     for start in range(0, len(features), CHUNK):
-        chunk = np.asarray(features[start : start + CHUNK], np.float32)
-        out[start : start + CHUNK] = chunk @ matrix
+        chunk = torch.from_numpy(np.asarray(features[start : start + CHUNK], np.float32))
+        out[start : start + CHUNK] = (chunk @ matrix).numpy()
     return out
 
 
@@ -56,100 +56,83 @@ def _sq_dist_to(points: np.ndarray, sq_norms: np.ndarray, x: np.ndarray) -> np.n
     return np.maximum(sq_norms + float(x @ x) - 2.0 * (points @ x), 0.0)
 
 
-class _Blocks:
-    """Points grouped into compact blocks with a centre and radius each (for pruning)."""
-
-    def __init__(self, x: np.ndarray, seed: int, block_size: int = 64) -> None:
-        import faiss
-
-        n, d = x.shape
-        k = max(1, min(n // block_size, 4096))
-        if k > 1:
-            km = faiss.Kmeans(d, k, niter=8, seed=seed % (2**31), max_points_per_centroid=64)
-            km.train(x)
-            _, assign = km.index.search(x, 1)
-            assign = assign[:, 0]
-        else:
-            assign = np.zeros(n, dtype=np.int64)
-        order = np.argsort(assign, kind="stable")
-        sizes = np.bincount(assign, minlength=k)
-        keep = sizes > 0
-        self.order = order
-        self.sizes = sizes[keep]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        self.x = np.ascontiguousarray(x[order])
-        self.sq = np.einsum("ij,ij->i", self.x, self.x)
-        self.centres = np.add.reduceat(self.x, self.starts, axis=0) / self.sizes[:, None]
-        dist = np.sqrt(np.maximum(
-            self.sq - 2 * np.einsum("ij,ij->i", self.x, np.repeat(self.centres, self.sizes, 0))
-            + np.repeat(np.einsum("ij,ij->i", self.centres, self.centres), self.sizes), 0.0))
-        # Slack keeps the triangle-inequality test conservative under float rounding.
-        self.radius = np.maximum.reduceat(dist, self.starts) * (1 + 1e-4) + 1e-6
-
-
 def greedy_k_center(
-    x: np.ndarray,
+    x: np.ndarray | torch.Tensor,
     n: int,
-    min_sq: np.ndarray | None = None,
+    min_sq: np.ndarray | torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = True,
+    candidates: int = 512,
+    chunk: int = 65536,
 ) -> np.ndarray:
-    """Greedy farthest-point selection of `n` rows of x (N x d, float32).
+    """Greedy farthest-point selection of `n` rows of x (N x d), in batches of exact picks.
 
-    Each step picks the point farthest from everything chosen so far (ties: lowest index) and
-    lowers every point's distance-to-chosen. `min_sq` gives initial squared distances (default:
-    +inf, so the first pick is row 0 of a seeded random order). On CPU the update skips blocks of
-    points that the triangle inequality proves cannot get closer, which yields exactly the same
-    picks as the plain loop at a fraction of the work; PatchCore's fit time is dominated by this
-    loop, which is why it is hand-written.
+    Plain greedy picks the point farthest from everything chosen so far, then lowers every
+    point's distance-to-chosen: one full pass over the data per pick, memory-bound. Here each
+    round takes the `candidates` farthest points, replays the greedy loop among them (a small
+    K x K problem) for as long as the next pick provably is the global one (its value still
+    exceeds every value outside the candidate set, which can only shrink), then updates all
+    points against the whole round's picks with one matrix product. The picks are those of the
+    plain loop (up to float ties) at a fraction of the passes over the data; coreset selection
+    dominates PatchCore's fit time, which is why this is hand-written. Runs on x's device.
+    `min_sq` gives initial squared distances (default: a seeded random first pick).
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    total = len(x)
+    X = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(
+        x, np.ndarray) else x.float()
+    total = len(X)
     if n >= total:
         return np.arange(total, dtype=np.int64)
     if min_sq is None:
-        min_sq = np.full(total, np.inf, dtype=np.float32)
+        cur = torch.full((total,), torch.finfo(torch.float32).max, device=X.device)
         first = int(np.random.default_rng(seed).integers(total))
-        min_sq[first] = np.float32(np.finfo(np.float32).max)  # forces the first pick
-    blocks = _Blocks(x, seed)
-    cur = np.asarray(min_sq, dtype=np.float32)[blocks.order].copy()
-    block_max = np.maximum.reduceat(cur, blocks.starts)
-    chosen = np.empty(n, dtype=np.int64)
-    bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, leave=False, mininterval=1)
-    for step in range(n):
-        b = int(np.argmax(block_max))
-        s, e = blocks.starts[b], blocks.starts[b] + blocks.sizes[b]
-        p = s + int(np.argmax(cur[s:e]))
-        chosen[step] = p
-        xp = blocks.x[p]
-        dc = np.sqrt(np.maximum(((blocks.centres - xp) ** 2).sum(1), 0.0))
-        lower = dc - blocks.radius
-        active = (lower <= 0) | (lower * lower < block_max)
-        pts_mask = np.repeat(active, blocks.sizes)
-        pts = np.flatnonzero(pts_mask)
-        d2 = _sq_dist_to(blocks.x[pts], blocks.sq[pts], xp).astype(np.float32)
-        cur[pts] = np.minimum(cur[pts], d2)
-        cur[p] = 0.0
-        seg = np.concatenate([[0], np.cumsum(blocks.sizes[active])[:-1]])
-        block_max[active] = np.maximum.reduceat(cur[pts], seg)
-        if step % 256 == 0:
-            bar.update(min(256, n - step))
+        cur[first] = float("inf")  # forces the first pick
+    else:
+        cur = torch.as_tensor(min_sq, dtype=torch.float32, device=X.device).clone()
+    sq = (X * X).sum(1)
+    chosen: list[int] = []
+    k = min(candidates, total)
+    bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, leave=False,
+               mininterval=1)
+    while len(chosen) < n:
+        vals, cand = torch.topk(cur, k)
+        outside = vals[-1] if k < total else torch.tensor(float("-inf"), device=X.device)
+        c = X[cand]
+        sq_c = sq[cand]
+        pair = (sq_c[:, None] + sq_c[None, :] - 2.0 * (c @ c.T)).clamp_min_(0)
+        values = vals.clone()
+        picked: list[int] = []
+        while len(chosen) + len(picked) < n:
+            j = int(torch.argmax(values))
+            if picked and not bool(values[j] > outside):
+                break  # a point outside the candidates might be the true next pick
+            picked.append(j)
+            values = torch.minimum(values, pair[j])
+            values[j] = float("-inf")
+        a, sq_a = c[picked], sq_c[picked]
+        for s in range(0, total, chunk):
+            d2 = sq[s : s + chunk, None] + sq_a[None, :] - 2.0 * (X[s : s + chunk] @ a.T)
+            torch.minimum(cur[s : s + chunk], d2.clamp_min_(0).amin(dim=1),
+                          out=cur[s : s + chunk])
+        rows = cand[picked]
+        cur[rows] = 0.0
+        chosen.extend(rows.tolist())
+        bar.update(len(picked))
     bar.close()
-    return np.sort(blocks.order[chosen])
+    return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
 def greedy_k_center_dense(
     x: torch.Tensor, n: int, min_sq: torch.Tensor | None = None, seed: int = 0
 ) -> np.ndarray:
-    """The plain greedy loop on a torch device (used on GPU, and as the reference in tests)."""
+    """The plain greedy loop, one full pass per pick (the reference for tests and benchmarks)."""
     total = len(x)
     if n >= total:
         return np.arange(total, dtype=np.int64)
     sq = (x * x).sum(1)
     if min_sq is None:
-        min_sq = torch.full((total,), float("inf"), device=x.device)
+        min_sq = torch.full((total,), torch.finfo(torch.float32).max, device=x.device)
         first = int(np.random.default_rng(seed).integers(total))
-        min_sq[first] = torch.finfo(torch.float32).max
+        min_sq[first] = float("inf")
     cur = min_sq.clone().float()
     chosen = torch.empty(n, dtype=torch.long, device=x.device)
     for step in range(n):
@@ -169,9 +152,7 @@ class GreedyCoresetSampler:
         self.progress = progress
 
     def select(self, features: np.ndarray, n: int, seed: int) -> np.ndarray:
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if self.device.type == "cuda":
-            return greedy_k_center_dense(torch.from_numpy(x).to(self.device), n, seed=seed)
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
         return greedy_k_center(x, n, seed=seed, progress=self.progress)
 
 
@@ -213,10 +194,9 @@ class ApproximateGreedyCoresetSampler:
     def select(self, features: np.ndarray, n: int, seed: int) -> np.ndarray:
         x = self.project(features, seed)
         init = self.initial_distances(x, seed)
-        if self.device.type == "cuda":
-            t = torch.from_numpy(x).to(self.device)
-            return greedy_k_center_dense(t, n, torch.from_numpy(init).to(self.device), seed)
-        return greedy_k_center(x, n, init, seed, progress=self.progress)
+        t = torch.from_numpy(x).to(self.device)
+        init_t = torch.from_numpy(init).to(self.device)
+        return greedy_k_center(t, n, init_t, seed, progress=self.progress)
 
 
 def get_sampler(
