@@ -55,17 +55,20 @@ def main() -> None:
                         default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     parser.add_argument("--tile-train", type=int, default=200,
                         help="magnetic_tile training images (first N by name; 0 = all 752)")
+    parser.add_argument("--categories", nargs="+", default=["hazelnut_toy", "magnetic_tile"])
+    parser.add_argument("--out", type=Path, default=OUT, help="JSON results file")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for backbone in args.backbones:
-        for category, limit in (("hazelnut_toy", None), ("magnetic_tile", args.tile_train or None)):
+        for category in args.categories:
+            limit = (args.tile_train or None) if category == "magnetic_tile" else None
             row = run_one(backbone, category, limit)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
     cols = ["backbone", "category", "train_images", "image_auroc", "pixel_auroc", "pro",
             "fit_seconds", "predict_ms_per_image"]
     print(" | ".join(cols))
