@@ -200,7 +200,8 @@ def model_from_features(config: PatchCoreConfig, cache: FeatureCache) -> PatchCo
     model.members_ = parse_members(config.backbone, config.layers)
     member = model.members_[0]
     h, w = cache.grid
-    flat = np.ascontiguousarray(cache.train.reshape(-1, cache.train.shape[-1]), dtype=np.float32)
+    # A writable copy: the cache may be a read-only memory map.
+    flat = np.array(cache.train, dtype=np.float32).reshape(-1, cache.train.shape[-1])
     total = len(flat)
     n = total if config.sampler == "identity" else max(1, int(total * config.percentage))
     sampler = get_sampler(config.sampler, config.projection_dim, config.num_starting_points,
