@@ -252,9 +252,10 @@ class PatchCore:
             sampler = get_sampler(
                 c.sampler, c.projection_dim, c.num_starting_points, self.device, self.progress
             )
-            idx = sampler.select(store.array, n, c.seed + m)
+            idx = sampler.select(store, n, c.seed + m)
             t2 = time.perf_counter()
             bank = store.gather(idx)
+            on_disk = store.on_disk
         finally:
             store.close()
         per_image = h * w
@@ -266,7 +267,7 @@ class PatchCore:
                  member.backbone, total, len(bank), bank.shape[1], t1 - t0, t2 - t1)
         return {"backbone": member.backbone, "layers": list(member.layers), "patches": total,
                 "bank_rows": int(len(bank)), "feature_seconds": round(t1 - t0, 3),
-                "coreset_seconds": round(t2 - t1, 3), "features_on_disk": store.on_disk}
+                "coreset_seconds": round(t2 - t1, 3), "features_on_disk": on_disk}
 
     def _build_index(self, bank: np.ndarray) -> NearestNeighbourIndex:
         index = NearestNeighbourIndex(
