@@ -30,6 +30,11 @@ What is measured, each phase in its own fresh child process so peak memory is pe
   ``--throughput-batches`` timed batches).  ``predict_peak_rss_mb_batch1`` is ``ru_maxrss``
   after the batch-1 pass, ``predict_peak_rss_mb`` after the batch-32 pass.  Anomaly maps are
   streamed to a scratch file rather than kept in memory, so they do not inflate the peak.
+* glibc malloc: anomalib's coreset loop fragments glibc's heap (it grew past 24 GiB on a
+  22k-patch toy set), so by default the fit process fixes glibc's mmap threshold with
+  ``mallopt`` right before ``subsample_embedding`` (``--malloc-fix``; recorded as
+  ``malloc_fix`` and ``peer_env`` in the JSON).  ``coreset_s`` therefore includes a page fault
+  storm per iteration that an allocator without the problem would not pay.
 * the parent computes ``image_auroc`` (image scores vs good/defect) and ``pixel_auroc`` (every
   pixel of every ``imagesize`` crop) with ``sklearn.metrics.roc_auc_score``.
 
@@ -58,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -70,6 +76,17 @@ BACKBONES = {
 }
 WARMUP_IMAGES = 2
 THROUGHPUT_BATCH = 32
+# anomalib's k-center-greedy allocates an N x d' temporary (features - center) every iteration
+# and keeps a small index tensor alive each time.  Under glibc's default malloc, whose mmap
+# threshold rises to the size of the first large block freed, those temporaries come from the
+# heap and fragment it: on hazelnut_toy (22k patches x 246 projected dims) the fit process grew
+# past 24 GiB and was OOM-killed.  A fixed threshold (glibc's default value 128 KiB; fixing it
+# switches the dynamic rise off) mmaps and unmaps each temporary instead: no growth, but page
+# faults on every iteration, which also slows the backbone when applied process-wide.  So the
+# default scope is the coreset call only (mallopt via ctypes, in the fit process); "env" sets
+# MALLOC_MMAP_THRESHOLD_ for both child processes; "none" leaves glibc alone.
+M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+DEFAULT_MMAP_THRESHOLD = 131072
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,6 +225,16 @@ def build_model(args: argparse.Namespace):
 # --------------------------------------------------------------------------- phases
 
 
+def fix_malloc_now(threshold: int) -> bool:
+    """Fix glibc's mmap threshold for the rest of this process (True when it took effect)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def phase_fit(args: argparse.Namespace) -> dict:
     """Child process: feature extraction over train/good, coreset, save the memory bank."""
     import torch
@@ -238,6 +265,7 @@ def phase_fit(args: argparse.Namespace) -> dict:
     n_patches = sum(e.shape[0] for e in model.embedding_store)
     dims = int(model.embedding_store[0].shape[1])
 
+    malloc_fixed = args.malloc_fix == "coreset" and fix_malloc_now(args.malloc_mmap_threshold)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.subsample_embedding(args.coreset)
@@ -249,7 +277,7 @@ def phase_fit(args: argparse.Namespace) -> dict:
     return {
         **info,
         "n_train": len(images),
-        "model_build_s": build_s,
+        "import_and_build_s": build_s,
         "feature_extraction_s": extraction_s,
         "feature_forward_s": forward_s,
         "coreset_s": coreset_s,
@@ -259,6 +287,7 @@ def phase_fit(args: argparse.Namespace) -> dict:
         "fit_peak_rss_mb": fit_peak,
         "fit_rss_mb": {**rss, "peak_after_coreset": fit_peak},
         "coreset_peak_growth_mb": fit_peak - rss["peak_after_extraction"],
+        "coreset_mallopt_applied": malloc_fixed,
     }
 
 
@@ -316,7 +345,10 @@ def run_child(phase: str, argv: list[str], state: Path, maps: Path, env: dict) -
     cmd = [sys.executable, os.path.abspath(__file__), *argv]
     cmd += ["--phase", phase, "--state", str(state), "--maps", str(maps), "--result", str(result)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        hint = " (killed: out of memory?)" if proc.returncode == -9 else ""
+        raise SystemExit(f"anomalib {phase} process failed with code {proc.returncode}{hint}")
     data = json.loads(result.read_text())
     data[f"{phase}_process_wall_s"] = time.perf_counter() - t0
     return data
@@ -358,8 +390,9 @@ def versions() -> dict:
 
 def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
     """Parent: run the fit and predict children, evaluate, assemble the report."""
+    load_before = os.getloadavg()
     peer_env: dict[str, str] = {"TQDM_DISABLE": "1"}  # no progress bars in the logs
-    if args.malloc_mmap_threshold is not None:
+    if args.malloc_fix == "env":
         peer_env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     env = {**os.environ, **peer_env}
     with tempfile.TemporaryDirectory(prefix="anomalib_peer_") as tmp:
@@ -367,6 +400,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
         fit = run_child("fit", argv, state, maps, env)
         predict = run_child("predict", argv, state, maps, env)
         metrics = evaluate(args, predict.pop("scores"), maps)
+    load_after = os.getloadavg()
     return {
         "peer": "anomalib",
         "versions": versions(),
@@ -392,7 +426,21 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
             "process (interpreter + torch + anomalib imports + backbone included)"
         ),
         "peer_env": peer_env,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "malloc_fix": {
+            "coreset": f"mallopt(M_MMAP_THRESHOLD, {args.malloc_mmap_threshold}) in the fit "
+            "process just before subsample_embedding (extraction and predict use glibc's "
+            "defaults); without it anomalib's coreset loop grows the heap until OOM",
+            "env": f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} for fit and predict "
+            "processes (slows the backbone too)",
+            "none": "glibc defaults (anomalib's coreset loop may grow the heap until OOM)",
+        }[args.malloc_fix],
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            # 1/5/15-minute load averages: timings are only comparable on an idle machine.
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in load_after],
+        },
         **fit,
         **predict,
         **metrics,
@@ -417,11 +465,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--malloc-mmap-threshold",
-        type=int,
-        default=None,
-        help="set MALLOC_MMAP_THRESHOLD_ (bytes) for the child processes only",
+        "--malloc-fix",
+        choices=["coreset", "env", "none"],
+        default="coreset",
+        help="where to fix glibc's mmap threshold against anomalib's coreset heap growth",
     )
+    p.add_argument("--malloc-mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD)
     p.add_argument("--out", required=True, help="JSON report path")
     # Internal: used when the script re-runs itself as a fit or predict child.
     p.add_argument("--phase", choices=["fit", "predict"], help=argparse.SUPPRESS)
@@ -440,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.phase:
+        # anomalib 2.7.0 warns about its own deprecated modules (and about the deprecated
+        # `embeddings` argument of subsample_embedding even when it is not passed).
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         result = phase_fit(args) if args.phase == "fit" else phase_predict(args)
         Path(args.result).write_text(json.dumps(result))
         return 0
