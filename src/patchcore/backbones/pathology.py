@@ -17,7 +17,7 @@ from torch import nn
 
 from . import weights as W
 from .registry import BackboneSpec, register
-from .transformers import hf_cached_file, timm_build, vit_grid
+from .transformers import hf_cache_lookup, hf_cached_file, timm_build, vit_grid
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +33,18 @@ def h_optimus_build() -> nn.Module:
 
 def h_optimus_load(spec: BackboneSpec, weights: str | None) -> dict[str, torch.Tensor]:
     """H-optimus-0 weights: user file/folder, the HF cache, or the (gated) hub when online."""
-    looked: list[str] = []
-    path = W.user_weights(spec.name, weights, looked)
-    if path is None:
-        cached = hf_cached_file(H_OPTIMUS_REPO)
-        if cached:
-            path = cached
-        else:
-            looked.append(f"Hugging Face cache (HF_HOME) for {H_OPTIMUS_REPO}")
-    if path is not None:
-        log.info("loading %s weights from %s", spec.name, path)
-        return W.read_state_dict(path)
-    if not W.offline():
-        try:
-            import timm
 
-            log.info("downloading %s from the Hugging Face hub", spec.name)
-            return timm.create_model(f"hf-hub:{H_OPTIMUS_REPO}", pretrained=True).state_dict()
-        except Exception as exc:  # noqa: BLE001 - offline machines and missing tokens end up here
-            looked.append(f"hub download of {H_OPTIMUS_REPO} ({type(exc).__name__})")
-    raise W.missing(
-        spec.name, looked,
-        f"accept the licence of https://huggingface.co/{H_OPTIMUS_REPO}, log in with "
-        f"`huggingface-cli login`, then run `python -c \"import timm; timm.create_model("
-        f"'hf-hub:{H_OPTIMUS_REPO}', pretrained=True)\"` to fill the HF cache",
+    def download() -> dict[str, torch.Tensor]:
+        import timm
+
+        return timm.create_model(f"hf-hub:{H_OPTIMUS_REPO}", pretrained=True).state_dict()
+
+    return W.resolve_state_dict(
+        spec.name, weights, cached=lambda looked: hf_cache_lookup(H_OPTIMUS_REPO, looked),
+        download=download, download_what=f"hub download of {H_OPTIMUS_REPO}",
+        how=f"accept the licence of https://huggingface.co/{H_OPTIMUS_REPO}, log in with "
+            f"`huggingface-cli login`, then run `python -c \"import timm; timm.create_model("
+            f"'hf-hub:{H_OPTIMUS_REPO}', pretrained=True)\"` to fill the HF cache",
     )
 
 

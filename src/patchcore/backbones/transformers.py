@@ -86,6 +86,14 @@ def hf_cached_file(repo_id: str, filenames: tuple[str, ...] = HF_WEIGHT_FILES) -
     return None
 
 
+def hf_cache_lookup(repo: str | None, looked: list[str]) -> str | None:
+    """`hf_cached_file(repo)`, noting the search in `looked` when it finds nothing."""
+    cached = hf_cached_file(repo) if repo else None
+    if not cached and repo:
+        looked.append(f"Hugging Face cache (HF_HOME) for {repo}")
+    return cached
+
+
 def _timm_hub_id(timm_name: str) -> str | None:
     import timm
 
@@ -96,30 +104,18 @@ def _timm_hub_id(timm_name: str) -> str | None:
 def timm_load(spec: BackboneSpec, weights: str | None, timm_name: str,
               kwargs: tuple[tuple[str, object], ...] = ()) -> dict[str, torch.Tensor]:
     """Weights of a timm model: --weights / PATCHCORE_WEIGHTS_DIR, the HF cache, the hub."""
-    looked: list[str] = []
-    path = W.user_weights(spec.name, weights, looked)
-    if path is None:
-        hub_id = _timm_hub_id(timm_name)
-        cached = hf_cached_file(hub_id) if hub_id else None
-        if cached:
-            path = cached
-        elif hub_id:
-            looked.append(f"Hugging Face cache (HF_HOME) for {hub_id}")
-    if path is not None:
-        log.info("loading %s weights from %s", spec.name, path)
-        return W.read_state_dict(path)
-    if not W.offline():
-        try:
-            import timm
 
-            log.info("downloading %s weights through timm", spec.name)
-            return timm.create_model(timm_name, pretrained=True, **dict(kwargs)).state_dict()
-        except Exception as exc:  # noqa: BLE001 - offline machines end up here
-            looked.append(f"timm hub download ({type(exc).__name__})")
-    raise W.missing(
-        spec.name, looked,
-        f"on a machine with internet run `python -c \"import timm; timm.create_model("
-        f"'{timm_name}', pretrained=True)\"` and copy the Hugging Face cache (HF_HOME) here",
+    def download() -> dict[str, torch.Tensor]:
+        import timm
+
+        return timm.create_model(timm_name, pretrained=True, **dict(kwargs)).state_dict()
+
+    return W.resolve_state_dict(
+        spec.name, weights,
+        cached=lambda looked: hf_cache_lookup(_timm_hub_id(timm_name), looked),
+        download=download, download_what="timm hub download",
+        how=f"on a machine with internet run `python -c \"import timm; timm.create_model("
+            f"'{timm_name}', pretrained=True)\"` and copy the Hugging Face cache (HF_HOME) here",
     )
 
 

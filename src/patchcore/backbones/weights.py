@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..errors import WeightsNotFoundError
+from ..errors import PatchCoreError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,34 @@ def remap_by_order(
             )
         out[dkey] = sval
     return out
+
+
+def resolve_state_dict(
+    name: str,
+    weights: str | None,
+    *,
+    cached: Callable[[list[str]], Path | str | None],
+    download: Callable[[], dict[str, torch.Tensor]] | None,
+    download_what: str,
+    how: str,
+) -> dict[str, torch.Tensor]:
+    """Weights of backbone `name`, from the first place that has them.
+
+    Order: the user's --weights path, PATCHCORE_WEIGHTS_DIR, `cached(looked)` (the backbone's own
+    cache or package, appending what it searched to `looked`), then `download()` unless offline.
+    Otherwise a WeightsNotFoundError naming every place looked and the fix `how`.
+    """
+    looked: list[str] = []
+    path = user_weights(name, weights, looked) or cached(looked)
+    if path is not None:
+        log.info("loading %s weights from %s", name, path)
+        return read_state_dict(Path(path))
+    if download is not None and not offline():
+        try:
+            log.info("downloading %s weights (%s)", name, download_what)
+            return download()
+        except PatchCoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - offline machines end up here
+            looked.append(f"{download_what} ({type(exc).__name__})")
+    raise missing(name, looked, how)
