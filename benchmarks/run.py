@@ -33,6 +33,11 @@ CONFIGS = {
                   max_train=100),
     "lite2_hazelnut": dict(data="hazelnut_toy", backbone="efficientnet_lite2", random=False,
                            max_train=None),
+    # Ours only: approximate faiss IVF search instead of the exact flat index.
+    "lite2_ivf": dict(data="magnetic_tile", backbone="efficientnet_lite2", random=False,
+                      max_train=100, index="ivf", peer=False),
+    "wr50_ivf": dict(data="magnetic_tile", backbone="wide_resnet50_2", random=True,
+                     max_train=100, index="ivf", peer=False),
 }
 COLUMNS = [("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"),
            ("feature_extraction_s", "features s"), ("coreset_s", "coreset s"),
@@ -56,8 +61,10 @@ def measure(name: str, cfg: dict, peer: bool, threads: int) -> dict:
         common += ["--max-train", str(cfg["max_train"])]
     rows = {}
     ours_out = OUT / f"{name}_ours.json"
-    run([sys.executable, str(HERE / "ours_runner.py"), *common, "--out", str(ours_out)])
+    index = ["--index", cfg["index"]] if "index" in cfg else []
+    run([sys.executable, str(HERE / "ours_runner.py"), *common, *index, "--out", str(ours_out)])
     rows["ours"] = json.loads(ours_out.read_text())
+    peer = peer and cfg.get("peer", True)
     peer_py = PEER_VENV / "bin" / "python"
     if peer and peer_py.exists():
         peer_out = OUT / f"{name}_anomalib.json"
@@ -95,14 +102,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def scaling(sizes: list[int], threads: int, max_memory: float) -> dict:
+def scaling(sizes: list[int], threads: int, max_memory: float, reuse: bool = False) -> dict:
     points = []
     for n in sizes:
         out = OUT / f"scaling_{n}.json"
-        run([sys.executable, str(HERE / "ours_runner.py"), "--data",
-             str(SHARED / "magnetic_tile"), "--backbone", "efficientnet_lite2",
-             "--augment-to", str(n), "--coreset", "0.1", "--threads", str(threads),
-             "--max-memory", str(max_memory), "--skip-predict", "--out", str(out)])
+        if not (reuse and out.exists()):
+            run([sys.executable, str(HERE / "ours_runner.py"), "--data",
+                 str(SHARED / "magnetic_tile"), "--backbone", "efficientnet_lite2",
+                 "--augment-to", str(n), "--coreset", "0.1", "--threads", str(threads),
+                 "--max-memory", str(max_memory), "--skip-predict", "--out", str(out)])
         r = json.loads(out.read_text())
         points.append({k: r[k] for k in ("n_train", "feature_extraction_s", "coreset_s",
                                          "fit_s", "fit_peak_rss_mb", "features_on_disk")})
@@ -139,20 +147,23 @@ def main() -> None:
     p.add_argument("--scaling", nargs="*", type=int, default=None,
                    help="training-set sizes for the scaling run (e.g. 250 500 1000 2000 4000)")
     p.add_argument("--max-memory", type=float, default=1024.0)
+    p.add_argument("--reuse", action="store_true", help="scaling: keep points already measured")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.only or ([] if args.scaling else list(CONFIGS)):
+    for name in args.only or ([] if args.scaling is not None else list(CONFIGS)):
         results[name] = measure(name, CONFIGS[name], not args.no_peer, args.threads)
     report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "processor": platform.processor()}, "results": results}
     if args.scaling:
-        report["scaling"] = scaling(args.scaling, args.threads, args.max_memory)
+        report["scaling"] = scaling(args.scaling, args.threads, args.max_memory, args.reuse)
     if results:
         text = table(results)
         print("\n" + text)
         report["table"] = text
     name = "scaling" if args.scaling and not results else "results"
+    if args.only:
+        name += "_" + "_".join(args.only)
     (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {OUT / (name + '.json')}")
 

@@ -166,8 +166,7 @@ def fit(
         backbone_dtype=backbone_dtype,
         max_memory_mb=max_memory, seed=seed, device=device, batch_size=batch_size,
         num_workers=num_workers,
-        extra={k: v for k, v in (("threshold_fpr", threshold_fpr),
-                                 ("threshold_percentile", threshold_percentile)) if v is not None},
+        threshold_fpr=threshold_fpr, threshold_percentile=threshold_percentile,
     )
     from .reports.tracking import Tracker as _Tracker
     from .reports.tracking import run_folder

@@ -44,6 +44,8 @@ class PatchCoreConfig:
     # bfloat16: many CPU float16 kernels (convolutions) are missing or slow.
     backbone_dtype: str = "float32"
     calibration_holdout: float = 0.1  # share of train images held out when no validation set
+    threshold_fpr: float | None = None  # image threshold at this FPR of normal scores
+    threshold_percentile: float | None = None  # ... or at this percentile of normal scores
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"
@@ -76,6 +78,10 @@ class PatchCoreConfig:
             (self.target_embed_dimension >= 1, "target_embed_dimension must be >= 1"),
             (0.0 <= self.calibration_holdout < 1.0, "calibration_holdout must be in [0, 1)"),
             (self.blur_sigma >= 0, "blur_sigma must be >= 0"),
+            (self.threshold_fpr is None or 0 <= self.threshold_fpr <= 1,
+             "threshold_fpr must be in [0, 1]"),
+            (self.threshold_percentile is None or 0 <= self.threshold_percentile <= 100,
+             "threshold_percentile must be in [0, 100]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
         ]
         for ok, message in checks:

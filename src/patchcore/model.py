@@ -227,9 +227,8 @@ class PatchCore:
         self.calibration_ = {}
         self.calibration_prediction_ = None
         if val_samples:
-            extra = c.extra or {}
-            self.calibrate(val_samples, threshold_fpr=extra.get("threshold_fpr"),
-                           threshold_percentile=extra.get("threshold_percentile"))
+            self.calibrate(val_samples, threshold_fpr=c.threshold_fpr,
+                           threshold_percentile=c.threshold_percentile)
         return self
 
     def _fit_member(self, member: Member, samples: list[Sample], m: int) -> dict[str, Any]:

@@ -110,9 +110,10 @@ def greedy_k_center(
             values[j] = float("-inf")
         a, sq_a = c[picked], sq_c[picked]
         for s in range(0, total, chunk):
-            d2 = sq[s : s + chunk, None] + sq_a[None, :] - 2.0 * (X[s : s + chunk] @ a.T)
-            torch.minimum(cur[s : s + chunk], d2.clamp_min_(0).amin(dim=1),
-                          out=cur[s : s + chunk])
+            # min_j |x - a_j|^2 = |x|^2 + min_j (|a_j|^2 - 2 x.a_j): one fused pass over x @ a.T.
+            part = torch.addmm(sq_a[None, :], X[s : s + chunk], a.T, alpha=-2.0).amin(dim=1)
+            part += sq[s : s + chunk]
+            torch.minimum(cur[s : s + chunk], part.clamp_min_(0), out=cur[s : s + chunk])
         rows = cand[picked]
         cur[rows] = 0.0
         chosen.extend(rows.tolist())
