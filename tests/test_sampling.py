@@ -1,4 +1,4 @@
-"""Coreset samplers: coverage, equality of the pruned loop with the plain one, determinism."""
+"""Coreset samplers: coverage, equality of the batched loop with the plain one, determinism."""
 
 from __future__ import annotations
 
