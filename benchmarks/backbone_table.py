@@ -18,7 +18,7 @@ import torch
 
 import patchcore
 from patchcore import PatchCore
-from patchcore.metrics import evaluate
+from patchcore.evaluation.metrics import evaluate
 
 DATA = Path("/work/shared/data")
 OUT = Path(__file__).resolve().parent / "out" / "backbones.json"

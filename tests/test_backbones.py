@@ -13,7 +13,7 @@ import patchcore
 from patchcore import BackboneError, ConfigError, PatchCore, PatchCoreConfig, WeightsNotFoundError
 from patchcore.backbones import get_backbone
 from patchcore.data.synthetic import make_synthetic_dataset, make_texture
-from patchcore.features import FeatureExtractor
+from patchcore.engine.features import FeatureExtractor
 
 SMALL = {"pretrained": False, "target_embed_dimension": 64, "pretrain_embed_dimension": 64}
 

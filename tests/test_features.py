@@ -6,8 +6,8 @@ import pytest
 import torch
 from reference_patchcore import reference_embeddings
 
+from patchcore.engine.features import FeatureExtractor, build_projections
 from patchcore.errors import BackboneError
-from patchcore.features import FeatureExtractor, build_projections
 
 
 def _fused(grids, patchsize, stride, pre, target):

@@ -7,8 +7,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from patchcore.index import NearestNeighbourIndex
-from patchcore.scoring import anomaly_maps, gaussian_blur, image_scores, patch_scores
+from patchcore.engine.index import NearestNeighbourIndex
+from patchcore.engine.scoring import anomaly_maps, gaussian_blur, image_scores, patch_scores
 
 
 @pytest.mark.parametrize("k", [1, 3])

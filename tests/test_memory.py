@@ -6,7 +6,7 @@ import numpy as np
 from conftest import FAST
 
 from patchcore import PatchCore
-from patchcore.memory import FeatureStore
+from patchcore.engine.memory import FeatureStore
 
 
 def test_disk_store_matches_ram_store(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for patchcore.metrics against scikit-learn, hand-computed cases and slow references."""
+"""Tests for patchcore.evaluation.metrics: scikit-learn, hand-computed cases, slow references."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from patchcore.metrics import (
+from patchcore.evaluation.metrics import (
     evaluate,
     f1_max,
     image_auroc,
@@ -137,7 +137,7 @@ def test_image_auroc_matches_sklearn(seed: int, ties: bool) -> None:
 
 
 def test_image_auroc_one_class_is_nan_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="patchcore.metrics"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.evaluation.metrics"):
         assert math.isnan(image_auroc([0, 0, 0], [0.1, 0.5, 0.2]))
     assert "one class" in caplog.text
 
@@ -166,7 +166,7 @@ def test_pixel_auroc_matches_sklearn_with_ties(seed: int) -> None:
 
 def test_pixel_auroc_degenerate_and_invalid(caplog: pytest.LogCaptureFixture) -> None:
     maps = np.random.default_rng(0).random((2, 8, 8))
-    with caplog.at_level(logging.WARNING, logger="patchcore.metrics"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.evaluation.metrics"):
         assert math.isnan(pixel_auroc(np.zeros((2, 8, 8), bool), maps))
     assert "one class" in caplog.text
     with pytest.raises(ValueError, match="shape"):
@@ -243,7 +243,7 @@ def test_pro_close_to_threshold_grid_reference(seed: int) -> None:
 
 def test_pro_degenerate_inputs(caplog: pytest.LogCaptureFixture) -> None:
     maps = np.random.default_rng(0).random((2, 8, 8))
-    with caplog.at_level(logging.WARNING, logger="patchcore.metrics"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.evaluation.metrics"):
         assert math.isnan(pro_score(np.zeros((2, 8, 8), bool), maps))
         assert math.isnan(pro_score(np.ones((2, 8, 8), bool), maps))
     assert "anomalous regions" in caplog.text and "normal pixels" in caplog.text

@@ -14,14 +14,14 @@ from openpyxl import load_workbook
 from patchcore import metrics
 from patchcore.data.layouts import load_dataset
 from patchcore.data.synthetic import make_synthetic_dataset
-from patchcore.evaluation import evaluate_split
+from patchcore.evaluation.evaluate import evaluate_split
 from patchcore.model import PatchCore
-from patchcore.ood import group_table, ood_report
 from patchcore.reports import (
     save_anomaly_scores,
     save_segmentation_images,
     write_category_report,
 )
+from patchcore.reports.ood import group_table, ood_report
 from patchcore.reports.plots import confusion_plot, density_plot, pr_plot, roc_plot, strip_plot
 from patchcore.reports.spreadsheet import misclassified
 

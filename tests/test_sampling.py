@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore.sampling import (
+from patchcore.engine.sampling import (
     ApproximateGreedyCoresetSampler,
     GreedyCoresetSampler,
     RandomSampler,

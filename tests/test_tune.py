@@ -13,9 +13,9 @@ from patchcore.config import PatchCoreConfig
 from patchcore.data.layouts import load_dataset
 from patchcore.data.synthetic import make_synthetic_dataset
 from patchcore.errors import ConfigError
-from patchcore.evaluation import evaluate_split
+from patchcore.evaluation.evaluate import evaluate_split
+from patchcore.evaluation.tuning import RESULTS_FILE, config_for, grid_points, parse_grid, tune
 from patchcore.model import PatchCore
-from patchcore.tuning import RESULTS_FILE, config_for, grid_points, parse_grid, tune
 
 BASE = PatchCoreConfig(backbone="efficientnet_lite0", resize=146, imagesize=128, device="cpu")
 GRID = "percentage=0.02,0.2;anomaly_scorer_num_nn=1,3"

@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     PatchCoreError,
     WeightsNotFoundError,
 )
+from .evaluation import metrics  # noqa: E402
 from .model import PatchCore, Prediction  # noqa: E402
 
 
@@ -49,5 +50,5 @@ def list_mvtec_categories() -> list[str]:
 __all__ = [
     "BackboneError", "ConfigError", "DataError", "ModelFileError", "NotFittedError", "PatchCore",
     "PatchCoreConfig", "PatchCoreError", "Prediction", "WeightsNotFoundError", "__version__",
-    "list_backbones", "list_mvtec_categories", "load", "load_dataset",
+    "list_backbones", "list_mvtec_categories", "load", "load_dataset", "metrics",
 ]

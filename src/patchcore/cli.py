@@ -87,7 +87,7 @@ def _config(**values: Any) -> PatchCoreConfig:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from .evaluation import mean_row
+    from .evaluation.evaluate import mean_row
 
     cols = ["category", "image_auroc", "pixel_auroc", "pro", "f1_max", "f1_at_threshold",
             "predict_ms_per_image"]
@@ -153,7 +153,7 @@ def fit(
 ) -> None:
     """Fit one model per category and save it under OUTPUT/models/<category>."""
     from .data.layouts import category_folders, load_dataset
-    from .evaluation import evaluate_split, write_results
+    from .evaluation.evaluate import evaluate_split, write_results
     from .model import PatchCore
 
     config = _config(
@@ -238,7 +238,7 @@ def evaluate(
 ) -> None:
     """Load saved models and evaluate them on their categories' test sets."""
     from .data.layouts import load_dataset
-    from .evaluation import evaluate_split, write_results
+    from .evaluation.evaluate import evaluate_split, write_results
     from .model import PatchCore
     from .reports.tracking import Tracker as _Tracker
     from .reports.tracking import run_folder
@@ -416,10 +416,10 @@ def tune(
 ) -> None:
     """Grid or random search; features cached per feature setting; reruns resume."""
     from .data.layouts import category_folders, load_dataset
+    from .evaluation.tuning import parse_grid
+    from .evaluation.tuning import tune as run_tune
     from .reports.tracking import Tracker as _Tracker
     from .reports.tracking import run_folder
-    from .tuning import parse_grid
-    from .tuning import tune as run_tune
 
     config = _config(backbone=backbone, layer=layer, pretrained=not random_weights,
                      resize=resize, imagesize=imagesize, seed=seed, device=device,

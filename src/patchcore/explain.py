@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data.images import load_image
+from .engine.scoring import patch_scores
 from .errors import DataError
-from .scoring import patch_scores
 
 __all__ = ["explain_patch", "patch_box", "save_explanation", "save_explanation_gif"]
 

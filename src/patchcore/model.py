@@ -14,18 +14,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import metrics
 from .backbones import get_backbone
 from .config import PatchCoreConfig
 from .data.images import Preprocessor, to_rgb
 from .data.layouts import DatasetSplit, Sample
 from .data.loader import Batch, batches, samples_from_paths
+from .engine.features import FeatureExtractor, resolve_device
+from .engine.index import NearestNeighbourIndex
+from .engine.memory import FeatureStore
+from .engine.sampling import get_sampler
+from .engine.scoring import anomaly_maps, image_scores, patch_scores
 from .errors import ConfigError, DataError, NotFittedError
-from .features import FeatureExtractor, resolve_device
-from .index import NearestNeighbourIndex
-from .memory import FeatureStore
-from .sampling import get_sampler
-from .scoring import anomaly_maps, image_scores, patch_scores
+from .evaluation import metrics
 
 log = logging.getLogger(__name__)
 

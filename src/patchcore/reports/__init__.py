@@ -37,7 +37,7 @@ def write_category_report(
     `max_unseen` normal training images the model did not train on) for a model loaded from
     disk. Folder layouts with several test groups get an OOD section.
     """
-    from ..evaluation import write_results
+    from ..evaluation.evaluate import write_results
     from .html import data_table, embed_file, img_tag, metrics_table, write_page
     from .plots import confusion_plot, density_plot, pr_plot, roc_plot, save_figure
     from .spreadsheet import misclassified, write_bad_predictions
@@ -79,7 +79,7 @@ def write_category_report(
          + "</div>"),
     ]
     if split.layout == "folder" and len(set(pred.groups)) >= 3:
-        from ..ood import ood_report
+        from .ood import ood_report
 
         _, section = ood_report(pred, folder, normal, thr)
         out["ood"] = folder / "ood_groups.csv"

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import BackboneSpec, get_backbone
-from .backbones.cnn import check_weights_loaded
-from .backbones.registry import cnn_grid
-from .errors import BackboneError
+from ..backbones import BackboneSpec, get_backbone
+from ..backbones.cnn import check_weights_loaded
+from ..backbones.registry import cnn_grid
+from ..errors import BackboneError
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import PatchCoreConfig
+from ..data.layouts import DatasetSplit, Sample
+from ..data.loader import batches
+from ..engine.sampling import get_sampler
+from ..engine.scoring import anomaly_maps, image_scores, patch_scores
+from ..errors import ConfigError
+from ..model import PatchCore, parse_members
 from . import metrics
-from .config import PatchCoreConfig
-from .data.layouts import DatasetSplit, Sample
-from .data.loader import batches
-from .errors import ConfigError
-from .model import PatchCore, parse_members
-from .sampling import get_sampler
-from .scoring import anomaly_maps, image_scores, patch_scores
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.layouts import DatasetSplit
+from ..model import PatchCore, Prediction
 from . import metrics
-from .data.layouts import DatasetSplit
-from .model import PatchCore, Prediction
 
 log = logging.getLogger(__name__)
 

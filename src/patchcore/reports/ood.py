@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .reports.html import data_table, embed_file, img_tag
-from .reports.plots import group_density_plot, save_figure, strip_plot
+from .html import data_table, embed_file, img_tag
+from .plots import group_density_plot, save_figure, strip_plot
 
 OOD_COLUMNS = ("group", "n", "mean_score", "median_score", "auroc_vs_normal", "flagged_share")
 
@@ -66,7 +66,7 @@ def sample_grid(
     """Figure: up to `n` images spread evenly over the score ranking, lowest score first."""
     import matplotlib.pyplot as plt
 
-    from .reports.thumbs import image_thumbnail
+    from .thumbs import image_thumbnail
 
     order = np.argsort(np.asarray(scores))
     pick = order[np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))]

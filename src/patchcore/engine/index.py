@@ -7,7 +7,7 @@ import logging
 import faiss
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

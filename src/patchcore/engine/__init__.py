@@ -1,0 +1,1 @@
+"""The PatchCore engine: patch features, memory bank, nearest-neighbour search and scoring."""

@@ -1,0 +1,1 @@
+"""Metrics, evaluation of fitted models on test sets, and hyperparameter tuning."""
