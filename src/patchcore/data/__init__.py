@@ -1,6 +1,6 @@
 """Data: layouts on disk, image decoding and preprocessing, generated demo datasets."""
 
-from .images import Preprocessor, load_image, load_mask
+from .images import Preprocessor, load_image, load_mask, to_pil_image
 from .layouts import (
     MVTEC_CATEGORIES,
     DatasetSplit,
@@ -10,8 +10,10 @@ from .layouts import (
     list_images,
     load_dataset,
 )
+from .loader import as_samples
 
 __all__ = [
-    "MVTEC_CATEGORIES", "DatasetSplit", "Preprocessor", "Sample", "category_folders",
-    "detect_layout", "list_images", "load_dataset", "load_image", "load_mask",
+    "MVTEC_CATEGORIES", "DatasetSplit", "Preprocessor", "Sample", "as_samples",
+    "category_folders", "detect_layout", "list_images", "load_dataset", "load_image", "load_mask",
+    "to_pil_image",
 ]

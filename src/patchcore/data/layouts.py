@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
 from dataclasses import dataclass, field
@@ -47,14 +48,33 @@ class DatasetSplit:
         return bool(bad) and all(s.mask is not None for s in bad)
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (sorted), optionally in all subfolders."""
+    """Image files in `folder` (sorted), optionally in all subfolders.
+
+    Only regular files count; files inside hidden folders (".ipynb_checkpoints", ".cache", ...)
+    are never listed.
+    """
     if not folder.is_dir():
         return []
     pattern = "**/*" if recursive else "*"
     return sorted(
-        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.glob(pattern)
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(_hidden(part) for part in p.relative_to(folder).parts[:-1])
     )
+
+
+def _category_name(root: Path) -> str:
+    """The category's name from the resolved folder ("." inside bottle/ is "bottle")."""
+    name = root.resolve().name
+    if name in ("", ".", ".."):
+        raise DataError(f"dataset folder {root} has no name to call its category by (it is the "
+                        "filesystem root); move the category into a named folder")
+    return name
 
 
 def _require(images: list[Path], folder: Path, what: str) -> list[Path]:
@@ -72,7 +92,7 @@ def _labelled_groups(
     samples: list[Sample] = []
     if not folder.is_dir():
         return samples
-    for group_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for group_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p.name)):
         label = 0 if group_dir.name == normal else 1
         for path in list_images(group_dir, recursive=recursive):
             group = path.parent.relative_to(folder).as_posix() if recursive else group_dir.name
@@ -80,7 +100,8 @@ def _labelled_groups(
             if label and gt_root is not None:
                 candidate = gt_root / group_dir.name / f"{path.stem}_mask.png"
                 if not candidate.is_file():
-                    matches = list((gt_root / group_dir.name).glob(f"{path.stem}_mask.*"))
+                    pattern = f"{glob.escape(path.stem)}_mask.*"  # stems like "a[1]" too
+                    matches = sorted((gt_root / group_dir.name).glob(pattern))
                     candidate = matches[0] if matches else candidate
                 mask = candidate if candidate.is_file() else None
             samples.append(Sample(path, label, group, mask))
@@ -95,7 +116,9 @@ def load_mvtec(root: Path, normal: str = "good") -> DatasetSplit:
     if missing and (root / "ground_truth").is_dir():
         log.warning("%d anomalous test images of %s have no mask, e.g. %s", len(missing), root,
                     missing[0])
-    return DatasetSplit(root.name, root, "mvtec", [Sample(p, 0, normal) for p in train], test)
+    return DatasetSplit(
+        _category_name(root), root, "mvtec", [Sample(p, 0, normal) for p in train], test
+    )
 
 
 def load_val_layout(root: Path, normal: str = "good") -> DatasetSplit:
@@ -112,7 +135,9 @@ def load_folder(root: Path, normal: str = "good") -> DatasetSplit:
     train_dir = root / "train" / normal
     train = _require(list_images(train_dir, recursive=True), train_dir, "training")
     test = _labelled_groups(root / "test", normal, None, recursive=True)
-    return DatasetSplit(root.name, root, "folder", [Sample(p, 0, normal) for p in train], test)
+    return DatasetSplit(
+        _category_name(root), root, "folder", [Sample(p, 0, normal) for p in train], test
+    )
 
 
 def detect_layout(root: Path) -> str:
@@ -125,9 +150,14 @@ def detect_layout(root: Path) -> str:
     if (root / "ground_truth").is_dir():
         return "mvtec"
     nested = any(
-        p.is_dir() for group in (root / "test").glob("*") if group.is_dir() for p in group.iterdir()
+        p.is_dir() and not _hidden(p.name)
+        for group in (root / "test").glob("*") if group.is_dir() and not _hidden(group.name)
+        for p in group.iterdir()
     ) if (root / "test").is_dir() else False
-    nested = nested or any(p.is_dir() for p in (root / "train").glob("*/*"))
+    nested = nested or any(
+        p.is_dir() and not _hidden(p.name) and not _hidden(p.parent.name)
+        for p in (root / "train").glob("*/*")
+    )
     if nested:
         return "folder"
     return "mvtec"
@@ -142,11 +172,13 @@ def load_dataset(
 ) -> DatasetSplit:
     """Load one category folder in the given (or detected) layout.
 
+    The category is named after the resolved folder, so "." inside bottle/ is "bottle".
     `train_val_split` < 1 moves the rest of the normal training images into the validation set.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
+    _category_name(root)
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     chosen = detect_layout(root) if layout == "auto" else layout
@@ -166,19 +198,31 @@ def load_dataset(
 
 
 def category_folders(data: str | Path, categories: list[str] | None) -> list[Path]:
-    """The category folders to use: the named ones under `data`, or `data` itself, or all."""
+    """The category folders to use: the named ones under `data`, or `data` itself, or all.
+
+    Discovered categories are the non-hidden subfolders of `data` that have a train/ folder.
+    """
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"dataset folder {data} does not exist")
     if categories:
-        folders = [data / c for c in categories]
-        for f in folders:
-            if not f.is_dir():
-                raise DataError(f"category {f.name!r} not found: {f} does not exist")
+        folders = []
+        for c in categories:
+            if c in ("", ".", "..") or "/" in c or "\\" in c:
+                raise DataError(f"category {c!r} is not a category name; name a folder directly "
+                                f"under {data}, e.g. --category bottle")
+            folder = data / c
+            if not folder.is_dir():
+                raise DataError(f"category {c!r} not found: {folder} does not exist")
+            folders.append(folder)
         return folders
     if (data / "train").is_dir():
+        _category_name(data)
         return [data]
-    found = sorted(p for p in data.iterdir() if (p / "train").is_dir())
+    found = sorted(
+        p for p in data.iterdir() if not _hidden(p.name) and (p / "train").is_dir()
+    )
     if not found:
-        raise DataError(f"{data} has neither a train/ folder nor category folders containing one")
+        raise DataError(f"{data} has neither a train/ folder nor category folders containing one;"
+                        " pass a category folder (with train/good) or the dataset folder above")
     return found

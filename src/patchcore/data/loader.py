@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .images import Preprocessor, load_image, load_mask
+from ..errors import ConfigError, DataError, PatchCoreError
+from .images import Preprocessor, check_regular_file, load_image, load_mask
 from .layouts import Sample
 
 
@@ -37,19 +40,40 @@ class SampleDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            return self._item(i)
+        except PatchCoreError as exc:
+            if get_worker_info() is None:
+                raise
+            # In a worker process: hand the error to the main process as data, so that
+            # `batches` re-raises it as is instead of torch's multi-line worker traceback.
+            return {"error": exc}
+
+    def _item(self, i: int) -> dict:
         sample = self.samples[i]
         img = load_image(sample.path)
-        item = {"image": self.pre.image(img), "path": sample.path, "size": img.size,
-                "label": sample.label, "group": sample.group}
+        item = {"image": self.pre.image(img, name=f"image {sample.path}"), "path": sample.path,
+                "size": img.size, "label": sample.label, "group": sample.group}
         if self.masks:
             if sample.mask is not None:
-                item["mask"] = self.pre.mask(load_mask(sample.mask, img.size))
+                mask = load_mask(sample.mask, img.size)
+                item["mask"] = self.pre.mask(mask, name=f"mask {sample.mask}")
             else:
                 item["mask"] = torch.zeros(self.pre.imagesize, self.pre.imagesize, dtype=torch.bool)
         return item
 
 
-def _collate(items: list[dict]) -> Batch:
+@dataclass
+class _Failed:
+    """What a worker's collate returns when a sample could not be loaded."""
+
+    error: PatchCoreError
+
+
+def _collate(items: list[dict]) -> Batch | _Failed:
+    for it in items:
+        if "error" in it:
+            return _Failed(it["error"])
     return Batch(
         images=torch.stack([it["image"] for it in items]),
         paths=[it["path"] for it in items],
@@ -67,14 +91,74 @@ def batches(
     masks: bool = False,
     num_workers: int = 0,
 ) -> Iterator[Batch]:
-    """Iterate over samples in order, in batches."""
+    """Iterate over samples in order, in batches.
+
+    A sample that cannot be used raises its one-line DataError naming the file, with or without
+    worker processes. Invalid `batch_size` / `num_workers` raise ConfigError at once.
+    """
+    if not _is_count(num_workers, 0):
+        raise ConfigError(f"num_workers must be an integer >= 0 (0 loads images in the main "
+                          f"process), got {num_workers!r}")
+    if not _is_count(batch_size, 1):
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     loader = DataLoader(
-        SampleDataset(samples, pre, masks), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate,
+        SampleDataset(samples, pre, masks), batch_size=int(batch_size), shuffle=False,
+        num_workers=int(num_workers), collate_fn=_collate,
     )
-    yield from loader
+    return _iterate(loader)
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and int(value) >= minimum)
+
+
+def _iterate(loader: DataLoader) -> Iterator[Batch]:
+    for batch in loader:
+        if isinstance(batch, _Failed):
+            err = batch.error
+            raise type(err)(*err.args) from None
+        yield batch
 
 
 def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
-    """Unlabelled samples for plain files (label -1: unknown)."""
+    """Unlabelled samples for plain files (label -1: unknown); nothing is checked."""
     return [Sample(Path(p), -1, Path(p).parent.name) for p in paths]
+
+
+def as_samples(
+    items: str | os.PathLike | Sample | Iterable[str | os.PathLike | Sample],
+) -> list[Sample]:
+    """Samples for one path / Sample or an iterable of them, each checked to be a usable file.
+
+    A single str or Path is one image (never iterated character by character). Plain paths
+    become unlabelled samples (label -1) grouped by their folder's name. DataError, naming the
+    item, for: a missing file, a folder (use `load_dataset(folder)`), a FIFO, socket or device
+    (never opened: that could block), or an object that is not a path or Sample.
+    """
+    if isinstance(items, (str, os.PathLike, Sample)):
+        items = [items]
+    elif isinstance(items, (bytes, bytearray)):
+        raise DataError("got bytes where image paths were expected; pass file paths (str or "
+                        "Path), or pass encoded images to predict")
+    try:
+        seq = list(items)
+    except TypeError:
+        raise DataError(f"cannot use an object of type {type(items).__name__} as a list of "
+                        "images; pass a file path or a list of paths / Samples") from None
+    out = []
+    for k, x in enumerate(seq):
+        if isinstance(x, Sample):
+            check_regular_file(Path(x.path), "image")
+            if x.mask is not None:
+                check_regular_file(Path(x.mask), "mask")
+            out.append(x)
+        elif isinstance(x, (str, os.PathLike)):
+            path = Path(x)
+            check_regular_file(path, "image")
+            out.append(Sample(path, -1, path.absolute().parent.name))
+        else:
+            what = "None" if x is None else f"an object of type {type(x).__name__}"
+            raise DataError(f"item {k} of the image list is {what}; pass image file paths "
+                            "(str or Path) or Samples")
+    return out
