@@ -14,6 +14,7 @@ from patchcore import BackboneError, ConfigError, PatchCore, PatchCoreConfig, We
 from patchcore.backbones import get_backbone
 from patchcore.data.synthetic import make_synthetic_dataset, make_texture
 from patchcore.engine.features import FeatureExtractor
+from patchcore.engine.pipeline import make_extractor, member_features, parse_members
 
 SMALL = {"pretrained": False, "target_embed_dimension": 64, "pretrain_embed_dimension": 64}
 
@@ -137,7 +138,7 @@ def test_ensemble_save_load_round_trip(dataset: Path, tmp_path: Path) -> None:
     model.progress = False
     model.fit(split)
     assert [m.layers for m in model.members_] == [("layer2", "layer3"), ("blocks.8",)]
-    assert all(m.norm[1] > 0 for m in model.members_)
+    assert all(m.bank.norm[1] > 0 for m in model.members_)
     before = model.score(split.test)
     loaded = PatchCore.load(model.save(tmp_path / "model"))
     loaded.progress = False
@@ -148,15 +149,19 @@ def test_ensemble_save_load_round_trip(dataset: Path, tmp_path: Path) -> None:
 
 
 def test_ensemble_members_get_their_own_normalisation() -> None:
-    model = PatchCore(backbone=("resnet18", "timm:vit_tiny_patch16_224"), **SMALL)
-    members = model._members_or_parse()  # noqa: SLF001
-    raw = torch.rand(1, 3, 8, 8)
-    first = get_backbone(members[0].backbone)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (first.mean, first.std))
-    norm = (raw - mean) / std
-    expected = (raw - 0.5) / 0.5  # vit_tiny's own mean / std
-    torch.testing.assert_close(model._for_member(norm, members[1]), expected)  # noqa: SLF001
-    assert model._for_member(norm, members[0]) is norm  # noqa: SLF001
+    """Raw [0, 1] images reach each member normalised with that backbone's own mean / std."""
+    config = PatchCoreConfig(backbone=("resnet18", "timm:vit_tiny_patch16_224"),
+                             pretrained=False, imagesize=64, resize=64)
+    members = parse_members(config.backbone, config.layers)
+    raw = torch.rand(1, 3, 64, 64)
+    own = [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)]
+    for member, (mean, std) in zip(members, own, strict=True):
+        make_extractor(member, config, torch.device("cpu"))
+        m, s = (torch.tensor(v).view(1, 3, 1, 1) for v in (mean, std))
+        expected = member.extractor((raw - m) / s).numpy()
+        np.testing.assert_allclose(member_features(member, raw), expected, rtol=1e-5, atol=1e-5)
+        wrong = member.extractor(raw).numpy()  # un-normalised input gives other features
+        assert np.abs(wrong - expected).max() > 1e-2
 
 
 # --- errors and listing ----------------------------------------------------------------------

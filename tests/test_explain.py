@@ -43,13 +43,13 @@ def test_training_patch_finds_itself(identity_model) -> None:
     h, w = model.feature_grid_
     member = model.members_[0]
     for image_i, (r, c) in ((1, (2, 3)), (2, (h - 1, w - 1))):
-        info = explain_patch(model, model.train_paths_[image_i], patch=(r, c))
+        info = explain_patch(model, model.training_path(image_i), patch=(r, c))
         assert info["nearest_row"] == image_i * h * w + r * w + c
         assert info["distance"] == pytest.approx(0.0, abs=1e-3)
-        assert info["source_path"] == model.train_paths_[image_i]
+        assert info["source_path"] == str(model.training_path(image_i))
         assert info["source_index"] == image_i
         assert info["source_position"] == (r, c)
-        assert tuple(member.position[info["nearest_row"]]) == (r, c)
+        assert tuple(member.bank.position[info["nearest_row"]]) == (r, c)
 
 
 def test_nearest_patch_matches_brute_force(identity_model) -> None:
@@ -57,7 +57,7 @@ def test_nearest_patch_matches_brute_force(identity_model) -> None:
     bad = next(s for s in split.test if s.label == 1)
     feats = image_features(model, bad.path)
     info = explain_patch(model, bad.path)
-    bank = model.members_[0].bank.astype(np.float64)
+    bank = model.members_[0].bank.features.astype(np.float64)
     # The default patch is the most anomalous one: largest distance to its nearest bank row.
     all_d = np.sqrt(((feats.reshape(-1, 1, feats.shape[-1]).astype(np.float64)
                       - bank[None]) ** 2).sum(-1))
@@ -68,8 +68,8 @@ def test_nearest_patch_matches_brute_force(identity_model) -> None:
     assert info["nearest_row"] == int(row_d.argmin())
     assert info["distance"] == pytest.approx(row_d.min(), rel=1e-4)
     assert info["distance_metric"] == "euclidean"
-    src = model.members_[0].image_index[info["nearest_row"]]
-    assert info["source_path"] == model.train_paths_[src]
+    src = model.members_[0].bank.image_index[info["nearest_row"]]
+    assert info["source_path"] == str(model.training_path(src))
 
 
 def test_patch_box_and_figures(identity_model, tmp_path: Path) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-import torch
 
 from patchcore.engine.index import NearestNeighbourIndex
-from patchcore.engine.scoring import anomaly_maps, gaussian_blur, image_scores, patch_scores
+from patchcore.engine.scoring import anomaly_maps, image_scores, patch_scores
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -67,9 +66,11 @@ def test_patch_and_image_scores():
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 50), (1, 10, 12)])
-def test_blur_matches_scipy(shape):
-    x = np.random.default_rng(4).random(shape).astype(np.float32)
-    ours = gaussian_blur(torch.from_numpy(x), 4.0).numpy()
+def test_blur_is_per_map_and_matches_scipy(shape):
+    # Square maps at their own size: no upsampling, so anomaly_maps is the blur alone; each map
+    # is blurred on its own (never across the batch axis).
+    x = np.random.default_rng(4).random((shape[0], shape[1], shape[1])).astype(np.float32)
+    ours = anomaly_maps(x, shape[1], 4.0)
     ref = np.stack([ndi.gaussian_filter(m, 4.0) for m in x])
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -80,3 +81,53 @@ def test_anomaly_map_peaks_where_the_patch_score_peaks():
     amap = anomaly_maps(scores, 64, 4.0)[0]
     r, c = np.unravel_index(amap.argmax(), amap.shape)
     assert 16 <= r < 24 and 48 <= c < 56
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_patch_score_is_the_mean_of_the_k_nearest(distance):
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(150, 6)).astype(np.float32)
+    feats = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
+    index = NearestNeighbourIndex(distance).add(bank)
+    ps, nearest = patch_scores(index, feats, k=3)
+    q = feats.reshape(-1, 6).astype(np.float64)
+    b = bank.astype(np.float64)
+    if distance == "euclidean":
+        full = np.sqrt(((q[:, None, :] - b[None]) ** 2).sum(axis=2))
+    else:
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        full = 1.0 - qn @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    three = np.sort(full, axis=1)[:, :3]
+    assert not np.allclose(three.mean(axis=1), three[:, -1])  # k-th != mean: the test can tell
+    np.testing.assert_allclose(ps.reshape(-1), three.mean(axis=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(nearest.reshape(-1), full.argmin(axis=1))
+    assert ps.shape == nearest.shape == (2, 3, 4)
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """n_out x n_in weights of bilinear resampling with half-pixel centres, edges clamped."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n_in - 1)
+        m[i, lo] += 1.0 - (src - lo)
+        m[i, hi] += src - lo
+    return m
+
+
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+@pytest.mark.parametrize("grid", [(7, 7), (5, 8)])
+def test_anomaly_maps_equal_an_independent_bilinear_upsampling(sigma, grid):
+    h, w = grid
+    scores = np.random.default_rng(6).random((2, h, w)).astype(np.float32)
+    size = 56
+    rows, cols = _bilinear_matrix(size, h), _bilinear_matrix(size, w)
+    expected = np.stack([rows @ s.astype(np.float64) @ cols.T for s in scores])
+    if sigma:
+        expected = np.stack([ndi.gaussian_filter(m, sigma) for m in expected])
+    np.testing.assert_allclose(anomaly_maps(scores, size, sigma), expected, atol=1e-5)
+    # Cross-check of the reference itself: scipy's zoom with pixel-area (grid mode) geometry.
+    zoomed = ndi.zoom(scores[0].astype(np.float64), (size / h, size / w), order=1,
+                      grid_mode=True, mode="nearest")
+    np.testing.assert_allclose(rows @ scores[0] @ cols.T, zoomed, atol=1e-6)

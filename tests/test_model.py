@@ -31,15 +31,15 @@ def test_bank_size_and_provenance(fitted):
     h, w = fitted.feature_grid_
     n_train = len(fitted.train_paths_)
     assert len(member.bank) == int(n_train * h * w * 0.1)
-    assert member.image_index.max() < n_train
-    assert member.position[:, 0].max() < h and member.position[:, 1].max() < w
+    assert member.bank.image_index.max() < n_train
+    assert member.bank.position[:, 0].max() < h and member.bank.position[:, 1].max() < w
 
 
 def test_calibration_from_held_out_images(fitted, split):
     cal = fitted.calibration_
-    assert cal["source_images"] == len(split.train) - len(fitted.train_paths_) > 0
+    assert cal.source_images == len(split.train) - len(fitted.train_paths_) > 0
     pred = fitted.score(split.test)
-    np.testing.assert_array_equal(pred.labels, pred.scores >= cal["image_threshold"])
+    np.testing.assert_array_equal(pred.labels, pred.scores >= cal.image_threshold)
     assert ((pred.calibrated >= 0.5) == (pred.labels == 1)).all()
     assert pred.calibrated.min() >= 0 and pred.calibrated.max() <= 1
 
@@ -60,7 +60,7 @@ def test_same_seed_same_model(split):
     a.progress = b.progress = False
     a.fit(split.train[:6])
     b.fit(split.train[:6])
-    np.testing.assert_array_equal(a.members_[0].bank, b.members_[0].bank)
+    np.testing.assert_array_equal(a.members_[0].bank.features, b.members_[0].bank.features)
     sa, sb = a.score(split.test[:4]).scores, b.score(split.test[:4]).scores
     np.testing.assert_array_equal(sa, sb)
 

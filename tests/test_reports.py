@@ -48,8 +48,8 @@ def test_threshold_from_validation_is_applied_unchanged_to_test(fitted) -> None:
     val = model.calibration_prediction_
     assert val is not None and len(val) == len(split.val)
     _, expected = metrics.f1_max(np.maximum(val.true_labels, 0), val.scores)
-    thr = model.calibration_["image_threshold"]
-    assert thr == expected and "f1_max" in model.calibration_["image_threshold_rule"]
+    thr = model.calibration_.image_threshold
+    assert thr == expected and "f1_max" in model.calibration_.image_threshold_rule
     assert row["threshold"] == thr
     assert (pred.labels == (pred.scores >= thr)).all()
     at = metrics.precision_recall_f1(pred.true_labels, pred.scores, thr)
@@ -59,19 +59,19 @@ def test_threshold_from_validation_is_applied_unchanged_to_test(fitted) -> None:
 
 def test_good_only_thresholds(fitted) -> None:
     model, split, _, _ = fitted
-    saved = dict(model.calibration_)
+    saved = model.calibration_
     try:
         cal = model.calibrate(split.val, threshold_fpr=0.25)
         val = model.calibration_prediction_
         good = val.scores[np.asarray(val.true_labels) == 0]
-        thr = cal["image_threshold"]
+        thr = cal.image_threshold
         assert thr >= metrics.threshold_at_fpr(good, 0.25)
         assert np.mean(good >= thr) <= 0.25  # compared in float32, as the model does
         assert np.mean(good >= np.float32(metrics.threshold_at_fpr(good, 0.25))) >= 0.25
         assert np.mean(good >= thr) == np.mean(good.astype(np.float64) >= thr)
-        assert "false-positive" in cal["image_threshold_rule"]
+        assert "false-positive" in cal.image_threshold_rule
         cal = model.calibrate(split.val, threshold_percentile=90)
-        assert cal["image_threshold"] == pytest.approx(np.percentile(good, 90))
+        assert cal.image_threshold == pytest.approx(np.percentile(good, 90))
     finally:
         model.calibration_ = saved
 
@@ -157,7 +157,7 @@ def test_ood_report_on_nested_groups(fitted, tmp_path: Path) -> None:
     split = load_dataset(root / "carpet")
     assert split.layout == "folder"
     pred = model.score(split.test)
-    thr = model.calibration_["image_threshold"]
+    thr = model.calibration_.image_threshold
     rows, section = ood_report(pred, tmp_path / "ood", "good", thr)
     names = [r["group"] for r in rows]
     assert names[0] == "good" and "scratch" in names and "scratch/batch1" in names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +33,14 @@ def test_round_trip_gives_identical_scores(fitted, split, saved):
 
 def test_config_json_is_complete(saved):
     doc = json.loads((saved / CONFIG_FILE).read_text())
-    assert doc["format"] == "patchcore-model" and doc["format_version"] == 1
+    assert doc["format"] == "patchcore-model" and doc["format_version"] == 2
     for key in ("backbone", "layers", "percentage", "resize", "imagesize", "seed"):
         assert key in doc["config"]
+    # Runtime settings do not change scores and are not saved as hyperparameters.
+    for key in ("device", "batch_size", "num_workers", "max_memory_mb", "progress"):
+        assert key not in doc["config"]
+    root = Path(doc["train_root"])
+    assert all((root / p).is_file() and not Path(p).is_absolute() for p in doc["train_paths"])
     assert doc["members"][0]["layers"] == ["blocks.2", "blocks.4"]
     assert "image_threshold" in doc["calibration"]
 
@@ -101,3 +107,18 @@ def test_interrupted_save_keeps_the_previous_model(fitted, saved, monkeypatch):
     assert (saved / BANK_FILE).read_bytes() == before
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
     PatchCore.load(saved)
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy_model_v1"
+
+
+def test_model_saved_by_format_1_scores_exactly_as_before():
+    """A model written by patchcore 0.1.0 before the engine refactor: same scores, maps, labels."""
+    model = PatchCore.load(LEGACY / "model", device="cpu", progress=False)
+    expected = np.load(LEGACY / "expected.npz")
+    pred = model.predict(sorted((LEGACY / "images").glob("*.png")))
+    np.testing.assert_allclose(pred.scores, expected["scores"], rtol=1e-6)
+    np.testing.assert_allclose(pred.maps, expected["maps"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pred.labels, expected["labels"])
+    np.testing.assert_allclose(pred.calibrated, expected["calibrated"], rtol=1e-6)
+    assert model.config.anomaly_scorer_num_nn == 2  # its own hyperparameters, not defaults

@@ -17,7 +17,7 @@ from patchcore.evaluation.evaluate import evaluate_split
 from patchcore.evaluation.tuning import RESULTS_FILE, config_for, grid_points, parse_grid, tune
 from patchcore.model import PatchCore
 
-BASE = PatchCoreConfig(backbone="efficientnet_lite0", resize=146, imagesize=128, device="cpu")
+BASE = PatchCoreConfig(backbone="efficientnet_lite0", resize=146, imagesize=128)
 GRID = "percentage=0.02,0.2;anomaly_scorer_num_nn=1,3"
 
 

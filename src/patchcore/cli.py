@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import logging
@@ -15,7 +16,7 @@ import numpy as np
 import typer
 
 from . import __version__
-from .config import PatchCoreConfig
+from .config import PatchCoreConfig, RuntimeSettings, split_overrides
 from .errors import PatchCoreError
 
 app = typer.Typer(
@@ -73,17 +74,18 @@ def _echo(text: str) -> None:
         typer.echo(text)
 
 
-def _config(**values: Any) -> PatchCoreConfig:
+def _config(**values: Any) -> tuple[PatchCoreConfig, RuntimeSettings]:
     backbones = values.pop("backbone") or ["efficientnet_lite2"]
     layers = values.pop("layer") or None
-    from .model import parse_members
+    from .engine.pipeline import parse_members
 
+    hyper, runtime = split_overrides(values)
     config = PatchCoreConfig(
         backbone=backbones[0] if len(backbones) == 1 else tuple(backbones),
-        layers=tuple(layers) if layers else None, **values,
+        layers=tuple(layers) if layers else None, **hyper,
     )
     parse_members(config.backbone, config.layers)  # unknown backbones fail before any work
-    return config
+    return config, RuntimeSettings(**runtime, progress=not State.quiet)
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -156,7 +158,7 @@ def fit(
     from .evaluation.evaluate import evaluate_split, write_results
     from .model import PatchCore
 
-    config = _config(
+    config, settings = _config(
         backbone=backbone, layer=layer, weights=weights, pretrained=not random_weights,
         pretrain_embed_dimension=pretrain_embed_dimension,
         target_embed_dimension=target_embed_dimension,
@@ -173,14 +175,13 @@ def fit(
 
     output = run_folder(output, log_project, log_group)
     track = _Tracker(tracker, output, log_project, log_group, "fit")
-    track.log_params(config.to_dict())
+    track.log_params({**config.to_dict(), **dataclasses.asdict(settings)})
     rows = []
     for folder in category_folders(data, category):
         split = load_dataset(folder, layout, normal, train_val_split, seed)
         if max_train is not None:
             split.train = split.train[:max_train]
-        model = PatchCore(config)
-        model.progress = not State.quiet
+        model = PatchCore(config, settings)
         t0 = time.perf_counter()
         model.fit(split)
         fit_s = time.perf_counter() - t0
@@ -248,12 +249,12 @@ def evaluate(
     track = _Tracker(tracker, out, log_project, log_group, "evaluate")
     rows = []
     for name, model_dir in models:
-        model = PatchCore.load(model_dir, device=device)
-        model.progress = not State.quiet
-        changes = {k: v for k, v in (("resize", resize), ("imagesize", imagesize),
-                                     ("batch_size", batch_size)) if v is not None}
+        model = PatchCore.load(model_dir, device=device, progress=not State.quiet)
+        changes = {k: v for k, v in (("resize", resize), ("imagesize", imagesize)) if v is not None}
         if changes:
             model.config = model.config.replace(**changes)
+        if batch_size:
+            model.settings = model.settings.replace(batch_size=batch_size)
         folder = data / name if (data / name).is_dir() else data
         split = load_dataset(folder, layout, normal)
         row, pred = evaluate_split(model, split)
@@ -294,14 +295,14 @@ def predict(
     """Score images: per image a raw and calibrated score, label, anomaly map and overlay."""
     from .data.images import load_image
     from .data.layouts import list_images
-    from .model import PatchCore, normalise
+    from .engine.calibration import normalise
+    from .model import PatchCore
     from .reports.overlay import overlay, save_map_png
 
     files = _expand(paths, list_images)
-    model = PatchCore.load(model_dir, device=device)
-    model.progress = not State.quiet
+    model = PatchCore.load(model_dir, device=device, progress=not State.quiet)
     if batch_size:
-        model.config = model.config.replace(batch_size=batch_size)
+        model.settings = model.settings.replace(batch_size=batch_size)
     pred = model.predict(files)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -319,7 +320,7 @@ def predict(
         overlay(load_image(path), scaled).save(output / f"{stem}_overlay.png")
         rows.append({"path": str(path), "score": float(pred.scores[i]),
                      "calibrated_score": float(pred.calibrated[i]),
-                     "label": "anomalous" if pred.labels[i] else "good",
+                     "label": pred.label_names[i],
                      "map": f"{stem}_map.npy", "overlay": f"{stem}_overlay.png"})
     with open(output / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -375,8 +376,7 @@ def explain(
             assert len(cell) == 2
         except (ValueError, AssertionError):
             raise ConfigError(f"--patch must look like ROW,COL, got {patch!r}") from None
-    model = PatchCore.load(model_dir, device=device)
-    model.progress = not State.quiet
+    model = PatchCore.load(model_dir, device=device, progress=not State.quiet)
     info = explain_patch(model, image, cell)
     figure = save_explanation(model, info, output / f"{image.stem}_explain.png")
     (output / f"{image.stem}_explain.json").write_text(json.dumps(info, indent=2))
@@ -421,7 +421,7 @@ def tune(
     from .reports.tracking import Tracker as _Tracker
     from .reports.tracking import run_folder
 
-    config = _config(backbone=backbone, layer=layer, pretrained=not random_weights,
+    config, settings = _config(backbone=backbone, layer=layer, pretrained=not random_weights,
                      resize=resize, imagesize=imagesize, seed=seed, device=device,
                      batch_size=batch_size)
     search = parse_grid(grid)
@@ -434,7 +434,7 @@ def tune(
         out = output if len(folders) == 1 else output / split.name
         track = _Tracker(tracker, out, log_project, log_group, f"tune-{split.name}")
         track.log_params({"grid": grid, **config.to_dict()})
-        result = run_tune(split, out, search, config, random_points, not State.quiet, track)
+        result = run_tune(split, out, search, config, random_points, settings, track)
         track.finish()
         _echo(f"{split.name}: evaluated {result.evaluated} points, skipped {result.skipped} "
               f"finished ones -> {out / 'tune_results.csv'}")

@@ -46,11 +46,7 @@ def patch_box(model: Any, row: int, col: int) -> tuple[int, int, int, int]:
 
 def image_features(model: Any, path: str | Path) -> np.ndarray:
     """Patch features (h x w x D) of one image from the model's first member."""
-    model._check_fitted()
-    member = model.members_[0]
-    pil = load_image(path)
-    tensor = model.preprocessor.image(pil)[None]
-    return model._extractor(member)(tensor).cpu().numpy()[0]
+    return model.patch_features(path)
 
 
 def explain_patch(
@@ -78,13 +74,13 @@ def explain_patch(
             raise DataError(f"patch ({r}, {c}) is outside the {h} x {w} feature grid")
     dist, idx = member.index.search(feats[r, c][None], 1)
     row = int(idx[0, 0])
-    src = int(member.image_index[row])
-    sr, sc = (int(v) for v in member.position[row])
+    src = int(member.bank.image_index[row])
+    sr, sc = (int(v) for v in member.bank.position[row])
     return {
         "image_path": str(image_path), "patch": (int(r), int(c)),
         "patch_score": float(scores[r, c]), "nearest_row": row, "distance": float(dist[0, 0]),
         "distance_metric": model.config.distance, "source_index": src,
-        "source_path": model.train_paths_[src], "source_position": (sr, sc), "grid": (h, w),
+        "source_path": str(model.training_path(src)), "source_position": (sr, sc), "grid": (h, w),
         "query_box": patch_box(model, int(r), int(c)), "source_box": patch_box(model, sr, sc),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -153,6 +154,9 @@ class GreedyCoresetSampler:
         self.progress = progress
 
     def select(self, features: np.ndarray, n: int, seed: int) -> np.ndarray:
+        if getattr(features, "on_disk", False):
+            log.warning("greedy_coreset works on all %d x %d features in memory, past "
+                        "--max-memory; approx_greedy_coreset streams them", *features.shape)
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)
         return greedy_k_center(x, n, seed=seed, progress=self.progress)
 
@@ -200,6 +204,15 @@ class ApproximateGreedyCoresetSampler:
         return greedy_k_center(t, n, init_t, seed, progress=self.progress)
 
 
+# The registry: name -> factory(projection_dim, num_starting_points, device, progress).
+SAMPLERS: dict[str, Callable[[int, int, str | torch.device, bool], Sampler]] = {
+    "approx_greedy_coreset": ApproximateGreedyCoresetSampler,
+    "greedy_coreset": lambda _p, _s, device, progress: GreedyCoresetSampler(device, progress),
+    "random": lambda *_: RandomSampler(),
+    "identity": lambda *_: IdentitySampler(),
+}
+
+
 def get_sampler(
     name: str,
     projection_dim: int = 128,
@@ -208,17 +221,9 @@ def get_sampler(
     progress: bool = True,
 ) -> Sampler:
     """The sampler registered under `name`."""
-    if name == "approx_greedy_coreset":
-        return ApproximateGreedyCoresetSampler(
-            projection_dim, num_starting_points, device, progress
-        )
-    if name == "greedy_coreset":
-        return GreedyCoresetSampler(device, progress)
-    if name == "random":
-        return RandomSampler()
-    if name == "identity":
-        return IdentitySampler()
-    raise ConfigError(f"unknown sampler {name!r}")
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](projection_dim, num_starting_points, device, progress)
 
 
 def coverage_radius(features: np.ndarray, selected: np.ndarray) -> float:

@@ -26,13 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PatchCoreConfig
+from ..config import PatchCoreConfig, RuntimeSettings
 from ..data.layouts import DatasetSplit, Sample
 from ..data.loader import batches
-from ..engine.sampling import get_sampler
-from ..engine.scoring import anomaly_maps, image_scores, patch_scores
+from ..engine.bank import MemoryBank, bank_index, build_bank
+from ..engine.calibration import holdout_split
+from ..engine.features import resolve_device
+from ..engine.pipeline import (
+    make_extractor,
+    member_features,
+    parse_members,
+    preprocessor,
+)
+from ..engine.pipeline import (
+    score_features as score_member,
+)
+from ..engine.scoring import anomaly_maps
 from ..errors import ConfigError
-from ..model import PatchCore, parse_members
+from ..model import PatchCore
 from . import metrics
 
 log = logging.getLogger(__name__)
@@ -105,14 +116,9 @@ def point_key(point: dict[str, Any]) -> str:
 
 def training_samples(split: DatasetSplit, config: PatchCoreConfig) -> list[Sample]:
     """The images `PatchCore.fit(split)` builds its memory bank from (after any holdout)."""
-    train = list(split.train)
-    if not split.val and config.calibration_holdout > 0 and len(train) >= 4:
-        rng = np.random.default_rng(config.seed)
-        order = rng.permutation(len(train))
-        n_hold = max(1, int(round(len(train) * config.calibration_holdout)))
-        hold = set(order[:n_hold].tolist())
-        train = [s for i, s in enumerate(train) if i not in hold]
-    return train
+    if split.val:
+        return list(split.train)
+    return holdout_split(list(split.train), config.calibration_holdout, config.seed)[0]
 
 
 @dataclass
@@ -137,9 +143,11 @@ def _feature_hash(config: PatchCoreConfig, split: DatasetSplit, train: list[Samp
 
 
 def extract_features(
-    config: PatchCoreConfig, split: DatasetSplit, cache_root: Path, progress: bool = False
+    config: PatchCoreConfig, split: DatasetSplit, cache_root: Path,
+    settings: RuntimeSettings | None = None,
 ) -> tuple[FeatureCache, bool]:
     """Cached features of `split` for `config`; returns (cache, True when freshly extracted)."""
+    settings = settings or RuntimeSettings(progress=False)
     train = training_samples(split, config)
     folder = cache_root / _feature_hash(config, split, train)
     meta_path = folder / "meta.json"
@@ -152,21 +160,20 @@ def extract_features(
                             None if masks is None else np.asarray(masks, dtype=bool),
                             meta["train_paths"], tuple(meta["grid"])), False
     torch.manual_seed(config.seed)
-    model = PatchCore(config)
-    model.progress = progress
-    model._threads()
-    model.members_ = parse_members(config.backbone, config.layers)
-    if len(model.members_) != 1:
+    members = parse_members(config.backbone, config.layers)
+    if len(members) != 1:
         raise ConfigError("tuning supports one backbone (no ensembles)")
-    extractor = model._extractor(model.members_[0])
+    member = members[0]
+    extractor = make_extractor(member, config, resolve_device(settings.device))
+    pre = preprocessor(config)
     folder.mkdir(parents=True, exist_ok=True)
     with_masks = split.has_masks
 
     def run(samples: list[Sample], masks: bool) -> tuple[np.ndarray, list, list]:
         feats, labels, mask_parts = [], [], []
-        for batch in batches(samples, model.preprocessor, config.batch_size, masks=masks,
-                             num_workers=config.num_workers):
-            feats.append(extractor(batch.images).cpu().numpy())
+        for batch in batches(samples, pre, settings.batch_size, masks=masks,
+                             num_workers=settings.num_workers):
+            feats.append(member_features(member, batch.images))
             labels += batch.labels
             if masks:
                 mask_parts.append(batch.masks.numpy())
@@ -195,26 +202,17 @@ def model_from_features(config: PatchCoreConfig, cache: FeatureCache) -> PatchCo
 
     Mirrors `PatchCore._fit_member`: same sampler, count, seed, bank dtype and index.
     """
-    model = PatchCore(config)
-    model.progress = False
-    model.members_ = parse_members(config.backbone, config.layers)
-    member = model.members_[0]
-    h, w = cache.grid
+    model = PatchCore(config, progress=False)
+    member = parse_members(config.backbone, config.layers)[0]
     # A writable copy: the cache may be a read-only memory map.
     flat = np.array(cache.train, dtype=np.float32).reshape(-1, cache.train.shape[-1])
-    total = len(flat)
-    n = total if config.sampler == "identity" else max(1, int(total * config.percentage))
-    sampler = get_sampler(config.sampler, config.projection_dim, config.num_starting_points,
-                          model.device, False)
-    idx = np.sort(sampler.select(flat, n, config.seed))
-    bank = flat[idx]
-    member.bank = bank.astype(np.float16) if config.bank_dtype == "float16" else bank
-    per_image = h * w
-    member.image_index = (idx // per_image).astype(np.int32)
-    member.position = np.stack([(idx % per_image) // w, idx % w], axis=1).astype(np.int16)
-    member.index = model._build_index(member.bank)
+    rows, image_index, position, _ = build_bank(flat, cache.grid, config, config.seed,
+                                                model.device)
+    member.bank = MemoryBank(member.backbone, member.layers, rows, image_index, position)
+    member.index = bank_index(rows, config, model.device)
+    model.members_ = [member]
     model.train_paths_ = list(cache.train_paths)
-    model.feature_grid_ = (h, w)
+    model.feature_grid_ = cache.grid
     model.fit_info_ = {"train_images": len(cache.train_paths)}
     return model
 
@@ -225,13 +223,11 @@ def score_features(
     """Image scores and anomaly maps of cached test features (as `PatchCore._score_batch`)."""
     c = model.config
     member = model.members_[0]
-    bank = member.bank.astype(np.float32) if member.bank.dtype != np.float32 else member.bank
     scores, maps = [], []
     for start in range(0, len(feats), batch_size):
         f = np.ascontiguousarray(feats[start : start + batch_size], dtype=np.float32)
-        ps, nearest = patch_scores(member.index, f, c.anomaly_scorer_num_nn)
-        b = c.reweight_neighbourhood if c.reweight else 0
-        scores.append(image_scores(ps, f, nearest, bank, member.index, b))
+        ps, _, img = score_member(member, f, c)
+        scores.append(img)
         maps.append(anomaly_maps(ps, c.imagesize, c.blur_sigma))
     return np.concatenate(scores), np.concatenate(maps)
 
@@ -290,7 +286,7 @@ def load_finished(path: Path) -> dict[str, dict[str, Any]]:
 def tune(
     split: DatasetSplit, output: Path, grid: dict[str, list[Any]],
     base: PatchCoreConfig | None = None, random_n: int | None = None,
-    progress: bool = False, tracker: Any = None,
+    settings: RuntimeSettings | None = None, tracker: Any = None,
 ) -> TuneResult:
     """Evaluate the grid on `split`, resuming from OUT/tune_results.jsonl; write tables/plots."""
     base = base or PatchCoreConfig()
@@ -315,7 +311,7 @@ def tune(
             continue
         config0 = config_for(base, todo[0])
         t0 = time.perf_counter()
-        cache, fresh = extract_features(config0, split, output / "cache", progress)
+        cache, fresh = extract_features(config0, split, output / "cache", settings)
         feature_s = time.perf_counter() - t0
         result.extracted += int(fresh)
         for point in todo:

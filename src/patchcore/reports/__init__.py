@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ def write_category_report(
     elif val_pred is None and model.train_paths_:
         # A model loaded from disk, calibrated on held-out training images: score normal
         # training images it has not seen (the calibration images among them).
-        seen = set(model.train_paths_)
-        unseen = [s for s in split.train if str(s.path) not in seen][:max_unseen]
+        seen = {os.path.abspath(model.training_path(i)) for i in range(len(model.train_paths_))}
+        unseen = [s for s in split.train if os.path.abspath(s.path) not in seen][:max_unseen]
         if unseen:
             val_pred = model.score(unseen, desc=f"held-out normals [{split.name}]")
             val_title = f"Held-out normal training images (n={len(unseen)})"
@@ -73,7 +74,7 @@ def write_category_report(
 
     sections: list[tuple[str, str]] = [
         ("Metrics", metrics_table(row, SKIP_METRICS)),
-        ("Calibration", metrics_table(cal)),
+        ("Calibration", metrics_table(cal.to_dict())),
         ("Plots", "<div class='plots'>" + "".join(
             img_tag(embed_file(p), name) for name, p in out.items() if p.suffix == ".png")
          + "</div>"),
@@ -94,7 +95,7 @@ def write_category_report(
             "anomalous" if labels[i] else "good",
             (f"{pred.scores[i]:.4f}", float(pred.scores[i])),
             (f"{pred.calibrated[i]:.4f}", float(np.nan_to_num(pred.calibrated[i]))),
-            "anomalous" if pred.labels[i] else "good",
+            pred.label_names[i],
             ("<b>wrong</b>" if i in bad else "ok", int(i in bad)),
         ])
     columns = ["image", "overlay", "path", "group", "true label", "score", "calibrated",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from openpyxl import Workbook
@@ -18,12 +18,17 @@ HEADER = ("path", "group", "true label", "raw score", "calibrated score", "predi
 THUMB = 96
 
 
+if TYPE_CHECKING:
+    from ..engine.calibration import Calibration
+
+
 def misclassified(pred: Any) -> list[int]:
     """Indices of images whose predicted label differs from the true label (labelled only)."""
     if pred.true_labels is None:
         return []
     true = np.asarray(pred.true_labels)
-    return [i for i in range(len(pred)) if true[i] >= 0 and int(pred.labels[i]) != int(true[i])]
+    return [i for i in range(len(pred)) if true[i] >= 0 and pred.labels[i] >= 0
+            and int(pred.labels[i]) != int(true[i])]
 
 
 def _name(label: int) -> str:
@@ -31,7 +36,7 @@ def _name(label: int) -> str:
 
 
 def write_bad_predictions(
-    pred: Any, calibration: dict[str, Any], path: Path, thumbnails: bool = True
+    pred: Any, calibration: Calibration, path: Path, thumbnails: bool = True
 ) -> Path:
     """One row per misclassified image: path, labels, raw and calibrated scores, thumbnails."""
     wb = Workbook()
@@ -48,7 +53,7 @@ def write_bad_predictions(
             str(pred.paths[i]), pred.groups[i] if pred.groups else "",
             _name(int(pred.true_labels[i])), float(pred.scores[i]),
             None if np.isnan(pred.calibrated[i]) else float(pred.calibrated[i]),
-            _name(int(pred.labels[i])),
+            pred.label_names[i],
         ])
         if thumbnails:
             ws.row_dimensions[r].height = THUMB * 0.78

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -13,8 +13,11 @@ from PIL import Image
 from ..data.images import load_image
 from .overlay import overlay
 
+if TYPE_CHECKING:
+    from ..engine.calibration import Calibration
 
-def scaled_map(pred: Any, i: int, calibration: dict[str, Any]) -> np.ndarray:
+
+def scaled_map(pred: Any, i: int, calibration: Calibration) -> np.ndarray:
     """Image i's anomaly map at original size, 0-1 with 0.5 at the pixel threshold.
 
     Without a pixel calibration the map is min-max scaled over all maps of `pred`.
@@ -27,7 +30,7 @@ def scaled_map(pred: Any, i: int, calibration: dict[str, Any]) -> np.ndarray:
     return scaled
 
 
-def overlay_image(pred: Any, i: int, calibration: dict[str, Any]) -> Image.Image:
+def overlay_image(pred: Any, i: int, calibration: Calibration) -> Image.Image:
     """Heatmap overlay of image i at its original resolution."""
     return overlay(load_image(pred.paths[i]), scaled_map(pred, i, calibration))
 

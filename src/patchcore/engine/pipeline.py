@@ -1,0 +1,189 @@
+"""One fit path and one scoring path, shared by the estimator, tuning and explanations.
+
+Images arrive as raw RGB in [0, 1] (B x 3 x S x S); each member normalises them with its own
+backbone's mean and std, extracts patch features, and either fills a feature store (fit) or
+searches its memory bank (scoring). Ensemble members' scores are z-normalised and averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import get_backbone
+from ..config import PatchCoreConfig, RuntimeSettings
+from ..data.images import Preprocessor
+from ..data.layouts import Sample
+from ..data.loader import batches
+from ..errors import ConfigError
+from .bank import MemoryBank, bank_index, build_bank
+from .calibration import member_norm
+from .features import FeatureExtractor
+from .index import NearestNeighbourIndex
+from .memory import FeatureStore
+from .scoring import anomaly_maps, image_scores, patch_scores, resize_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """Runtime objects of one backbone: its feature extractor and, once fitted, bank and index."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    extractor: FeatureExtractor | None = None
+    bank: MemoryBank | None = None
+    index: NearestNeighbourIndex | None = None
+
+
+def parse_members(backbones: str | Sequence[str], layers: Sequence[str] | None) -> list[Member]:
+    """Backbones and layers, `-le 0.layer2 -le 1.features.denseblock2` style for ensembles."""
+    names = [backbones] if isinstance(backbones, str) else list(backbones)
+    if not names:
+        raise ConfigError("at least one backbone is needed")
+    per: list[list[str]] = [[] for _ in names]
+    for layer in layers or []:
+        head, _, rest = layer.partition(".")
+        if len(names) > 1:
+            if not head.isdigit() or int(head) >= len(names) or not rest:
+                raise ConfigError(
+                    f"with {len(names)} backbones, layers need a member prefix such as "
+                    f"0.layer2 or 1.features.denseblock2; got {layer!r}"
+                )
+            per[int(head)].append(rest)
+        else:
+            per[0].append(layer)
+    return [Member(name, tuple(own) if own else get_backbone(name).default_layers)
+            for name, own in zip(names, per, strict=True)]
+
+
+def preprocessor(config: PatchCoreConfig) -> Preprocessor:
+    """Resize / crop to [0, 1] RGB tensors (members normalise with their own mean and std)."""
+    return Preprocessor(config.resize, config.imagesize, mean=(0.0, 0.0, 0.0),
+                        std=(1.0, 1.0, 1.0))
+
+
+def make_extractor(member: Member, config: PatchCoreConfig, device: torch.device
+                   ) -> FeatureExtractor:
+    """The member's feature extractor (built once; seeded so random weights reload equal)."""
+    if member.extractor is None:
+        c = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            member.extractor = FeatureExtractor(
+                member.backbone, member.layers, pretrained=c.pretrained, weights=c.weights,
+                pretrain_embed_dimension=c.pretrain_embed_dimension,
+                target_embed_dimension=c.target_embed_dimension, patchsize=c.patchsize,
+                patchstride=c.patchstride, imagesize=c.imagesize, device=device,
+                dtype=c.backbone_dtype,
+            )
+    return member.extractor
+
+
+def member_features(member: Member, images: torch.Tensor) -> np.ndarray:
+    """Patch features (B x h x w x D, float32) of raw [0, 1] images for one member."""
+    assert member.extractor is not None
+    spec = member.extractor.spec
+    mean = torch.tensor(spec.mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=images.dtype).view(1, -1, 1, 1)
+    return member.extractor((images - mean) / std).cpu().numpy()
+
+
+def extract_features(
+    member: Member, samples: Sequence[Sample], pre: Preprocessor, settings: RuntimeSettings,
+    desc: str = "features",
+) -> FeatureStore:
+    """All patch features of `samples` (image-major rows) in a store bounded by max_memory_mb."""
+    extractor = member.extractor
+    assert extractor is not None
+    h, w = extractor.feature_grid
+    store = FeatureStore(len(samples) * h * w, extractor.feature_dim, settings.max_memory_mb)
+    try:
+        for batch in tqdm(
+            batches(samples, pre, settings.batch_size, num_workers=settings.num_workers),
+            total=-(-len(samples) // settings.batch_size), desc=f"{desc} [{member.backbone}]",
+            unit="batch", disable=not settings.progress, leave=False,
+        ):
+            feats = member_features(member, batch.images)
+            store.append(feats.reshape(-1, feats.shape[-1]))
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def fit_member(
+    member: Member, samples: Sequence[Sample], config: PatchCoreConfig,
+    settings: RuntimeSettings, device: torch.device, seed: int,
+) -> dict[str, Any]:
+    """Extract, subsample and index one member's memory bank; returns its training summary."""
+    extractor = make_extractor(member, config, device)
+    t0 = time.perf_counter()
+    store = extract_features(member, samples, preprocessor(config), settings)
+    try:
+        t1 = time.perf_counter()
+        rows, image_index, position, info = build_bank(
+            store, extractor.feature_grid, config, seed, device, settings.progress)
+        on_disk = store.on_disk
+    finally:
+        store.close()
+    member.bank = MemoryBank(member.backbone, member.layers, rows, image_index, position)
+    member.index = bank_index(rows, config, device)
+    log.info("%s: %d patches -> bank %d x %d (features %.1fs, coreset %.1fs)", member.backbone,
+             info["patches"], len(rows), rows.shape[1], t1 - t0, info["coreset_seconds"])
+    return {"backbone": member.backbone, "layers": list(member.layers), **info,
+            "feature_seconds": round(t1 - t0, 3), "features_on_disk": on_disk}
+
+
+def set_ensemble_norms(members: Sequence[Member], seed: int) -> None:
+    """Store each member's (mean, std) of bank self-distances (ensembles only)."""
+    if len(members) > 1:
+        for m in members:
+            assert m.bank is not None and m.index is not None
+            m.bank.norm = member_norm(m.index, m.bank.features, seed)
+
+
+def score_features(
+    member: Member, feats: np.ndarray, config: PatchCoreConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patch scores (B x h x w), nearest bank rows (B x h x w) and image scores (B) of features."""
+    assert member.bank is not None and member.index is not None
+    ps, nearest = patch_scores(member.index, feats, config.anomaly_scorer_num_nn)
+    b = config.reweight_neighbourhood if config.reweight else 0
+    img = image_scores(ps, feats, nearest, member.bank.features, member.index, b)
+    return ps, nearest, img
+
+
+def score_batch(
+    members: Sequence[Member], images: torch.Tensor, config: PatchCoreConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image scores, maps (B x S x S), and the first member's patch scores and nearest rows."""
+    ensemble = len(members) > 1
+    total_patch: np.ndarray | None = None
+    first: tuple[np.ndarray, np.ndarray] | None = None
+    img_total = np.zeros(images.shape[0], dtype=np.float32)
+    for member in members:
+        ps, nearest, img = score_features(member, member_features(member, images), config)
+        if ensemble:
+            assert member.bank is not None
+            mu, sd = member.bank.norm
+            ps, img = (ps - mu) / sd, (img - mu) / sd
+        if first is None:
+            first = (ps, nearest)
+        if total_patch is None:
+            total_patch = np.zeros_like(ps)
+        if total_patch.shape != ps.shape:
+            ps = resize_grid(ps, total_patch.shape[1:])
+        total_patch += ps / len(members)
+        img_total += img / len(members)
+    assert total_patch is not None and first is not None
+    maps = anomaly_maps(total_patch, config.imagesize, config.blur_sigma)
+    return img_total, maps, first[0], first[1]
