@@ -14,9 +14,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import PatchCoreConfig, RuntimeSettings, split_overrides
-from .data.images import Preprocessor, to_rgb
+from .data.images import Preprocessor, to_pil_image
 from .data.layouts import DatasetSplit, Sample, load_dataset
-from .data.loader import Batch, batches, samples_from_paths
+from .data.loader import Batch, as_samples, batches
 from .engine import pipeline
 from .engine.bank import bank_index
 from .engine.calibration import Calibration, calibrate, holdout_split, labels_for, normalise
@@ -28,7 +28,7 @@ from .storage import ModelState, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | Path | Sample | Image.Image | np.ndarray
+ImageInput = str | Path | Sample | Image.Image | np.ndarray | bytes
 
 __all__ = ["ImageInput", "PatchCore", "Prediction"]
 
@@ -124,8 +124,8 @@ class PatchCore:
         if isinstance(train, DatasetSplit):
             val = train.val if val is None else val
             train = train.train
-        train_samples = _as_samples(train)
-        val_samples = _as_samples(val) if val is not None else []
+        train_samples = as_samples(train)
+        val_samples = as_samples(val) if val is not None else []
         if not train_samples:
             raise DataError("no training images were given")
         if not val_samples:
@@ -196,19 +196,25 @@ class PatchCore:
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction:
         """Scores, labels and anomaly maps for paths, Samples, PIL images or HxWxC arrays."""
         members = self._ready()
-        if isinstance(images, (str, Path, Sample, Image.Image)) or (
+        if isinstance(images, (str, os.PathLike, Sample, Image.Image, bytes, bytearray)) or (
             isinstance(images, np.ndarray) and images.ndim in (2, 3)
         ):
             images = [images]
+        if not isinstance(images, Iterable):
+            raise DataError(f"cannot use an object of type {type(images).__name__} as images; "
+                            "pass a path, a PIL image, an array, encoded bytes, or a list of them")
         items = list(images)
-        if all(isinstance(x, (str, Path, Sample)) for x in items):
-            return self.score(_as_samples(items), desc="predict")
+        if not items:
+            raise DataError("predict() got no images; pass a path, an image or a list of them")
+        if all(isinstance(x, (str, os.PathLike, Sample)) for x in items):
+            return self.score(as_samples(items), desc="predict")
         pre = self.preprocessor
         parts = []
         bs = self.settings.batch_size
         for start in range(0, len(items), bs):
-            pil = [_to_pil(x) for x in items[start : start + bs]]
-            batch = Batch(torch.stack([pre.image(p) for p in pil]), [None] * len(pil),
+            pil = [to_pil_image(x) for x in items[start : start + bs]]
+            batch = Batch(torch.stack([pre.image(p, name=f"input image {start + k}")
+                                       for k, p in enumerate(pil)]), [None] * len(pil),
                           [p.size for p in pil], [-1] * len(pil), [""] * len(pil), None)
             parts.append((batch, *pipeline.score_batch(members, batch.images, self.config)))
         return self._assemble(parts)
@@ -216,13 +222,9 @@ class PatchCore:
     def patch_features(self, image: ImageInput) -> np.ndarray:
         """Patch features (h x w x D) of one image from the first member."""
         member = self._ready()[0]
-        pil = _to_pil(image) if not isinstance(image, (str, Path, Sample)) else None
-        if pil is None:
-            from .data.images import load_image
-
-            path = image.path if isinstance(image, Sample) else image
-            pil = load_image(path)
-        return pipeline.member_features(member, self.preprocessor.image(pil)[None])[0]
+        pil = to_pil_image(image.path if isinstance(image, Sample) else image)
+        image_tensor = self.preprocessor.image(pil, name="input image")[None]
+        return pipeline.member_features(member, image_tensor)[0]
 
     # -- calibration ------------------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class PatchCore:
         See `engine.calibration.calibrate` for the rules. The calibration Prediction is kept in
         `calibration_prediction_`.
         """
-        samples = _as_samples(samples)
+        samples = as_samples(samples)
         has_masks = any(s.mask is not None for s in samples)
         pred = self.score(samples, masks=has_masks, desc="calibration")
         self.calibration_prediction_ = pred
@@ -295,23 +297,3 @@ def _relative_paths(samples: Sequence[Sample]) -> tuple[str | None, list[str]]:
     except ValueError:  # different drives (Windows)
         return None, absolute
     return root, [os.path.relpath(p, root) for p in absolute]
-
-
-def _as_samples(items: Iterable[str | Path | Sample]) -> list[Sample]:
-    items = list(items)
-    return [x if isinstance(x, Sample) else samples_from_paths([x])[0] for x in items]
-
-
-def _to_pil(x: ImageInput) -> Image.Image:
-    if isinstance(x, Image.Image):
-        return to_rgb(x)
-    if isinstance(x, np.ndarray):
-        if x.ndim == 3 and x.shape[2] not in (1, 3, 4):
-            raise DataError(f"an image array needs 1, 3 or 4 channels, got shape {x.shape}")
-        arr = x[..., 0] if x.ndim == 3 and x.shape[2] == 1 else x
-        if arr.dtype != np.uint8:
-            from .data.images import _to_uint8
-
-            arr = _to_uint8(arr)
-        return to_rgb(Image.fromarray(arr))
-    raise DataError(f"cannot score an object of type {type(x).__name__}")

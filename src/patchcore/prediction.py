@@ -45,7 +45,7 @@ class Prediction:
     def original_map(self, i: int) -> np.ndarray:
         """Anomaly map of image i at its original size (H x W)."""
         assert self.preprocessor is not None
-        return self.preprocessor.to_original(self.maps[i], self.sizes[i])
+        return self.preprocessor.to_original(self.maps[i], self.sizes[i], name=self.paths[i])
 
     def calibrated_map(self, i: int, calibration: Calibration) -> np.ndarray:
         """Map of image i at original size, scaled to 0-1 with 0.5 at the pixel threshold."""
