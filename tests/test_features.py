@@ -1,29 +1,50 @@
-"""Patch aggregation: shapes, and equality with the literal reference pipeline."""
+"""Patch aggregation: shapes, and equality with the literal reference pipeline.
+
+Equality is checked on the production `FeatureExtractor.forward` (never a re-statement of it):
+for toy backbones with chosen layer shapes, and for ResNet-18 (random weights) and
+EfficientNet-Lite0 (real weights), whose layers are recomputed by an independent copy.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torchvision
 from reference_patchcore import reference_embeddings
+from torch import nn
 
+from patchcore.backbones.registry import BackboneSpec
 from patchcore.engine.features import FeatureExtractor, build_projections
 from patchcore.errors import BackboneError
 
 
-def _fused(grids, patchsize, stride, pre, target):
-    import torch.nn.functional as F
+class _ToyBackbone(nn.Module):
+    """Feature maps of chosen channel counts and (non-square) sizes from a 3-channel image."""
 
-    projections = build_projections([g.shape[1] for g in grids], patchsize, pre, target)
-    pad = (patchsize - 1) // 2
-    h = (grids[0].shape[2] + 2 * pad - patchsize) // stride + 1
-    w = (grids[0].shape[3] + 2 * pad - patchsize) // stride + 1
-    out = torch.zeros(grids[0].shape[0], target, h, w, dtype=torch.float64)
-    for g, p in zip(grids, projections, strict=True):
-        y = F.conv2d(g.double(), p.weight.double(), stride=stride, padding=pad, groups=p.groups)
-        if y.shape[-2:] != (h, w):
-            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-        out[:, p.start : p.stop] += y
-    return out.permute(0, 2, 3, 1).reshape(-1, target)
+    def __init__(self, channels: list[int], sizes: list[int]) -> None:
+        super().__init__()
+        self.grids = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.AdaptiveAvgPool2d((s, s + 1)))
+            for c, s in zip(channels, sizes, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g(x).flatten(1) for g in self.grids], dim=1)
+
+
+def _toy_spec(net: nn.Module) -> BackboneSpec:
+    return BackboneSpec(name="toy", build=lambda: net, default_layers=("grids.0",),
+                        load_weights=lambda spec, weights: {}, source="test", weights_hint="")
+
+
+def _assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    """Equal up to float32 rounding: max abs difference within `tol` of the largest value."""
+    ours, ref = ours.double(), ref.double()
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err <= tol * ref.abs().max().item(), f"max abs error {err:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -35,14 +56,70 @@ def _fused(grids, patchsize, stride, pre, target):
         ([30], [9], 1, 1, 100, 77),  # one layer, no neighbourhood
     ],
 )
-def test_fused_kernels_equal_reference(channels, sizes, patchsize, stride, pre, target):
+def test_extractor_equals_reference_on_chosen_layer_shapes(
+    channels, sizes, patchsize, stride, pre, target
+):
+    # The production forward pass (fused kernels, grouped convolutions, resizing of the deeper
+    # layers) against the literal reference pipeline applied to the same layer outputs.
     torch.manual_seed(0)
-    grids = [torch.randn(2, c, s, s + 1, dtype=torch.float64)
-             for c, s in zip(channels, sizes, strict=True)]
+    net = _ToyBackbone(channels, sizes)
+    twin = copy.deepcopy(net).double().eval()
+    layers = tuple(f"grids.{i}" for i in range(len(channels)))
+    fe = FeatureExtractor(_toy_spec(net), layers, pretrained=False, imagesize=32,
+                          pretrain_embed_dimension=pre, target_embed_dimension=target,
+                          patchsize=patchsize, patchstride=stride)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grids = [g(images.double()) for g in twin.grids]
     ref = reference_embeddings(grids, patchsize, stride, pre, target)
-    fused = _fused(grids, patchsize, stride, pre, target)
-    assert fused.shape == ref.shape
-    assert torch.allclose(fused, ref, atol=1e-9, rtol=1e-9)
+    _assert_close_to_reference(fe(images).reshape(-1, target), ref)
+
+
+def _resnet18_layers(state: dict[str, torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
+    net = torchvision.models.resnet18()
+    net.load_state_dict(state)
+    net = net.double().eval()
+    with torch.no_grad():
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images.double()))))
+        layer2 = net.layer2(net.layer1(x))
+        return [layer2, net.layer3(layer2)]
+
+
+def _efficientnet_lite0_layers(
+    state: dict[str, torch.Tensor], images: torch.Tensor
+) -> list[torch.Tensor]:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(state)
+    net = net.double().eval()
+    out = []
+    with torch.no_grad():
+        x = net.bn1(net.conv_stem(images.double()))
+        for i in range(5):
+            x = net.blocks[i](x)
+            if i in (2, 4):
+                out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("backbone,pretrained,reference_layers", [
+    ("resnet18", False, _resnet18_layers),
+    ("efficientnet_lite0", True, _efficientnet_lite0_layers),
+])
+def test_extractor_forward_equals_reference_pipeline(backbone, pretrained, reference_layers):
+    # The backbone is re-run layer by layer by an independent copy of the architecture (same
+    # weights, float64), and the patch embeddings are built by the literal reference pipeline.
+    torch.manual_seed(0)
+    fe = FeatureExtractor(backbone, pretrained=pretrained, imagesize=64)
+    images = torch.randn(2, 3, 64, 64)
+    ours = fe(images)
+    grids = reference_layers(fe.backbone.state_dict(), images)
+    assert [g.shape[1] for g in grids] == fe.channels
+    assert grids[0].shape[2:] != grids[1].shape[2:]  # the deeper layer really is resized
+    ref = reference_embeddings(grids, 3, 1, 1024, 1024)
+    assert ours.shape == (2, *grids[0].shape[2:], 1024)
+    _assert_close_to_reference(ours.reshape(-1, 1024), ref)
 
 
 def test_grouped_kernels_are_used_for_paper_shapes():
@@ -59,10 +136,6 @@ def test_extractor_shapes_and_early_stop():
     assert out.shape == (3, 8, 8, 1024)
     assert fe.channels == [128, 256]
     assert not called, "the forward pass must stop after the last needed layer"
-    # equals the reference pipeline applied to the same layer outputs
-    grids = fe._layer_grids(torch.randn(1, 3, 64, 64))
-    ref = reference_embeddings(grids, 3, 1, 1024, 1024)
-    assert ref.shape == (64, 1024)
 
 
 def test_unknown_layer_is_a_clear_error():
