@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +18,13 @@ from typer.testing import CliRunner
 from patchcore.cli import app
 from patchcore.data.layouts import load_dataset
 from patchcore.data.synthetic import make_synthetic_dataset
+from patchcore.errors import DataError
 from patchcore.explain import (
     explain_patch,
-    image_features,
     patch_box,
     save_explanation,
     save_explanation_gif,
+    training_image,
 )
 from patchcore.model import PatchCore
 
@@ -55,7 +62,7 @@ def test_training_patch_finds_itself(identity_model) -> None:
 def test_nearest_patch_matches_brute_force(identity_model) -> None:
     model, split = identity_model
     bad = next(s for s in split.test if s.label == 1)
-    feats = image_features(model, bad.path)
+    feats = model.patch_features(bad.path)
     info = explain_patch(model, bad.path)
     bank = model.members_[0].bank.features.astype(np.float64)
     # The default patch is the most anomalous one: largest distance to its nearest bank row.
@@ -101,3 +108,120 @@ def test_explain_cli(identity_model, tmp_path: Path) -> None:
     assert '"patch": [\n    1,\n    2\n  ]' in (out / f"{bad.path.stem}_explain.json").read_text()
     result = CliRunner().invoke(app, ["explain", str(model_dir), str(bad.path), "--patch", "x"])
     assert result.exit_code != 0
+
+
+# --- the source image must be the right one, or an error --------------------------------------
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging: SIGALRM interrupts a blocking call (e.g. opening a FIFO)."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"took longer than {seconds} s (blocked?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _training_patch(model: PatchCore, image_i: int) -> Callable[..., dict]:
+    """explain_patch of patch (1, 1) of training image `image_i` (its own bank row is nearest)."""
+    query = model.training_path(image_i)
+    feats = model.patch_features(query)
+    return lambda **kw: explain_patch(model, query, (1, 1), feats, **kw)
+
+
+def _decoy(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (128, 128), (255, 0, 255)).save(path)
+
+
+def test_source_does_not_depend_on_cwd(identity_model, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = identity_model
+    expected = Path(model.train_root_) / model.train_paths_[2]
+    for rel in model.train_paths_:  # same relative paths, other pictures, in the new cwd
+        _decoy(tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    info = _training_patch(model, 2)()
+    assert info["source_index"] == 2 and info["source_path"] == str(expected)
+    assert Path(info["source_path"]).is_absolute()
+    save_explanation(model, info, tmp_path / "e.png")
+
+
+def test_moved_dataset_needs_and_takes_train_root(identity_model, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = identity_model
+    new_root = tmp_path / "moved"
+    shutil.copytree(model.train_root_, new_root)
+    explain = _training_patch(model, 1)
+    old_root = tmp_path / "gone" / "train" / "good"  # where fit found the images
+    monkeypatch.setattr(model, "train_root_", str(old_root))
+    with pytest.raises(DataError, match="missing.*--train-root DIR.*train_root=") as err:
+        explain()
+    assert "\n" not in str(err.value) and str(old_root) in str(err.value)
+    info = explain(train_root=new_root)
+    assert info["source_path"] == str(new_root / model.train_paths_[1])
+    png = save_explanation(model, info, tmp_path / "e.png", train_root=new_root)
+    assert png.is_file()
+    # An older model: absolute paths under the old root, no stored root.
+    monkeypatch.setattr(model, "train_paths_", [str(old_root / p) for p in model.train_paths_])
+    monkeypatch.setattr(model, "train_root_", None)
+    assert explain(train_root=new_root)["source_path"] == info["source_path"]
+    with pytest.raises(DataError, match="missing"):
+        explain()
+    with pytest.raises(DataError, match="not a folder"):
+        explain(train_root=tmp_path / "nowhere")
+
+
+def test_relative_paths_without_root_warn(identity_model, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    model, _ = identity_model
+    explain = _training_patch(model, 0)
+    monkeypatch.chdir(model.train_root_)
+    monkeypatch.setattr(model, "train_root_", None)  # paths relative to fit's cwd
+    with caplog.at_level(logging.WARNING, logger="patchcore.explain"):
+        info = explain()
+    assert info["source_path"] == os.path.abspath(model.train_paths_[0])
+    assert "relative to the folder" in caplog.text and "--train-root" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_source_is_an_error_not_a_hang(identity_model, tmp_path: Path) -> None:
+    model, _ = identity_model
+    root = tmp_path / "fifo_root"
+    for rel in model.train_paths_:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(root / rel)
+    explain = _training_patch(model, 1)
+    with deadline(20), pytest.raises(DataError, match="not a regular file"):
+        explain(train_root=root)
+    info = explain()
+    with deadline(20), pytest.raises(DataError, match="not a regular file"):
+        save_explanation(model, info, tmp_path / "e.png", train_root=root)
+    with deadline(20), pytest.raises(DataError, match="not a regular file"):
+        save_explanation(model, {**info, "source_path": str(root / model.train_paths_[1])},
+                         tmp_path / "e.png")
+    with deadline(20), pytest.raises(DataError, match="not a regular file"):
+        save_explanation_gif(model, model.training_path(1), tmp_path / "e.gif", max_frames=2,
+                             train_root=root)
+
+
+def test_bank_index_out_of_range_is_an_error(identity_model,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = identity_model
+    n = len(model.train_paths_)
+    for bad in (-1, n):
+        with pytest.raises(DataError, match=f"training image {bad}.*{n} training paths"):
+            training_image(model, bad)
+    bank = model.members_[0].bank
+    explain = _training_patch(model, 0)
+    monkeypatch.setattr(bank, "image_index", np.full_like(bank.image_index, -1))
+    with deadline(20), pytest.raises(DataError, match="training image -1"):
+        explain()

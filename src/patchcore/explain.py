@@ -1,13 +1,23 @@
 """Explanations: a test patch beside its nearest memory-bank patch, cropped from its source.
 
-Every bank row remembers the training image it came from (`Member.image_index`) and its
-(row, col) on the feature grid (`Member.position`). A grid cell covers imagesize / grid pixels
-of the preprocessed (resized, center-cropped) image; a patch embedding aggregates a
+Every bank row remembers the training image it came from (`MemoryBank.image_index`) and its
+(row, col) on the feature grid (`MemoryBank.position`). A grid cell covers imagesize / grid
+pixels of the preprocessed (resized, center-cropped) image; a patch embedding aggregates a
 patchsize x patchsize neighbourhood of cells, which is the box drawn and cropped here.
+
+The source image is found through the model's stored training paths (`train_root_` plus a
+relative path). When the dataset has moved, pass `train_root` (CLI: `--train-root DIR`), the
+folder that now holds what was `train_root_`. A source that is missing or not a regular file
+is an error, never a silent substitute: an explanation must not show an unrelated image.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +28,100 @@ from .data.images import load_image
 from .engine.scoring import patch_scores
 from .errors import DataError
 
-__all__ = ["explain_patch", "patch_box", "save_explanation", "save_explanation_gif"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "explain_patch", "patch_box", "save_explanation", "save_explanation_gif", "training_image",
+]
+
+TRAIN_ROOT_HINT = "pass --train-root DIR (train_root= in Python)"
+
+
+def _old_root(model: Any) -> Path | None:
+    """The folder the stored training paths were taken relative to at fit time.
+
+    Models of the current format store it (`train_root_`); for older models with absolute
+    paths it is their deepest common folder, which is what `fit` would have stored.
+    """
+    if model.train_root_ is not None:
+        return Path(model.train_root_)
+    absolute = [p for p in model.train_paths_ if Path(p).is_absolute()]
+    if not absolute:
+        return None
+    try:
+        return Path(os.path.commonpath([os.path.dirname(p) for p in absolute]))
+    except ValueError:  # different drives (Windows)
+        return None
+
+
+def _resolve(model: Any, index: int, train_root: str | Path | None) -> Path:
+    """Where training image `index` should be now (not checked)."""
+    stored = Path(model.train_paths_[index])
+    if train_root is None:
+        if not stored.is_absolute() and model.train_root_ is None:
+            log.warning("this model stores training paths relative to the folder `fit` ran in; "
+                        "resolving them against the current folder %s (%s if that is wrong)",
+                        os.getcwd(), TRAIN_ROOT_HINT)
+        return Path(os.path.abspath(model.training_path(index)))
+    new_root = Path(train_root)
+    if not new_root.is_dir():
+        raise DataError(f"train root {new_root} is not a folder; pass the folder that now holds "
+                        "the training images")
+    if not stored.is_absolute():
+        return Path(os.path.abspath(new_root / stored))
+    old = _old_root(model)
+    try:
+        relative = stored.relative_to(old) if old is not None else None
+    except ValueError:
+        relative = None
+    if relative is None:
+        raise DataError(f"training image {index} ({stored}) is not under the model's training "
+                        f"root ({old}), so train root {new_root} cannot relocate it; move the "
+                        "image back or fit the model again")
+    return Path(os.path.abspath(new_root / relative))
+
+
+def training_image(model: Any, index: int, train_root: str | Path | None = None) -> Path:
+    """The file of training image `index`, checked to exist and be a regular file.
+
+    With `train_root`, stored relative paths are resolved against it, and stored absolute paths
+    are moved from the old training root to it; otherwise `model.training_path` decides. The
+    file is only stat-ed here, never opened (opening a FIFO would block forever).
+    """
+    n = len(model.train_paths_)
+    if isinstance(index, bool) or not 0 <= int(index) < n:
+        raise DataError(f"the memory bank names training image {index}, but the model has "
+                        f"{n} training paths (0 to {n - 1}); the model file is inconsistent")
+    index = int(index)
+    path = _resolve(model, index, train_root)
+    _check_source(model, index, path)
+    return path
+
+
+def _check_source(model: Any, index: int, path: Path) -> None:
+    """DataError unless `path` (training image `index`) is an existing regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        raise DataError(f"training image {index} ({path}) is missing; if the dataset moved, "
+                        f"{_root_hint(model)}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"training image {index} ({path}) is not a regular file (a folder, FIFO, "
+                        f"socket or device) and was not opened; {_root_hint(model)}")
+
+
+def _root_hint(model: Any) -> str:
+    """How to pass the training root, naming the old one when it is known."""
+    old = _old_root(model)
+    where = f"the folder that now holds what was {old}" if old is not None else (
+        "the folder its relative training paths start from")
+    return f"{TRAIN_ROOT_HINT}: {where}"
 
 
 def preprocessed_rgb(model: Any, path: str | Path) -> Image.Image:
     """The resized, center-cropped RGB image (imagesize x imagesize) the model sees."""
     pre = model.preprocessor
-    img = load_image(path).convert("RGB")
+    img = load_image(path)
     return img.resize(pre.resized_size(img.size), Image.BILINEAR).crop(pre.crop_box(img.size))
 
 
@@ -44,26 +141,23 @@ def patch_box(model: Any, row: int, col: int) -> tuple[int, int, int, int]:
     return int(left), int(top), int(right), int(bottom)
 
 
-def image_features(model: Any, path: str | Path) -> np.ndarray:
-    """Patch features (h x w x D) of one image from the model's first member."""
-    return model.patch_features(path)
-
-
 def explain_patch(
     model: Any, image_path: str | Path, patch: tuple[int, int] | None = None,
-    features: np.ndarray | None = None,
+    features: np.ndarray | None = None, *, train_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """The nearest memory-bank patch of one patch of an image (default: its most anomalous).
 
     Returns a dict with: patch (row, col), patch_score (mean distance to the k nearest, the
     model's patch score), nearest_row (bank row), distance (to the nearest row), distance_metric,
-    source_path (training image of that row), source_index, source_position (row, col on the
-    source's feature grid), grid (h, w), query_box and source_box (pixel boxes in the
-    preprocessed crops).
+    source_path (absolute path of the training image of that row, checked to exist),
+    source_index, source_position (row, col on the source's feature grid), grid (h, w),
+    query_box and source_box (pixel boxes in the preprocessed crops). `train_root` relocates
+    the training images (see `training_image`); `features` are the image's patch features
+    when already computed.
     """
     member = model.members_[0]
-    feats = image_features(model, image_path) if features is None else features
-    h, w, d = feats.shape
+    feats = model.patch_features(image_path) if features is None else features
+    h, w, _ = feats.shape
     scores, _ = patch_scores(member.index, feats[None], model.config.anomaly_scorer_num_nn)
     scores = scores[0]
     if patch is None:
@@ -75,21 +169,35 @@ def explain_patch(
     dist, idx = member.index.search(feats[r, c][None], 1)
     row = int(idx[0, 0])
     src = int(member.bank.image_index[row])
+    source = training_image(model, src, train_root)
     sr, sc = (int(v) for v in member.bank.position[row])
     return {
         "image_path": str(image_path), "patch": (int(r), int(c)),
         "patch_score": float(scores[r, c]), "nearest_row": row, "distance": float(dist[0, 0]),
         "distance_metric": model.config.distance, "source_index": src,
-        "source_path": str(model.training_path(src)), "source_position": (sr, sc), "grid": (h, w),
+        "source_path": str(source), "source_position": (sr, sc), "grid": (h, w),
         "query_box": patch_box(model, int(r), int(c)), "source_box": patch_box(model, sr, sc),
     }
 
 
-def _panel(model: Any, info: dict[str, Any], scale: int = 2) -> Image.Image:
-    """PIL composition: query image with box | query patch | source patch | source image."""
+def _source_path(model: Any, info: dict[str, Any], train_root: str | Path | None) -> Path:
+    """The checked source image of `info`: re-resolved with `train_root`, else its source_path."""
+    if train_root is not None:
+        return training_image(model, info["source_index"], train_root)
+    path = Path(info["source_path"])
+    _check_source(model, info["source_index"], path)
+    return path
+
+
+def _panel(
+    model: Any, info: dict[str, Any], load: Callable[[str], Image.Image], scale: int = 2,
+) -> Image.Image:
+    """PIL composition: query image with box | query patch | source patch | source image.
+
+    `load` gives the preprocessed crop of a path (cached across frames by the GIF).
+    """
     size = model.config.imagesize
-    query = preprocessed_rgb(model, info["image_path"])
-    source = preprocessed_rgb(model, info["source_path"])
+    query, source = load(info["image_path"]), load(info["source_path"])
     crop = 2 * size // 3
     q_crop = query.crop(info["query_box"]).resize((crop, crop), Image.NEAREST)
     s_crop = source.crop(info["source_box"]).resize((crop, crop), Image.NEAREST)
@@ -118,16 +226,23 @@ def _panel(model: Any, info: dict[str, Any], scale: int = 2) -> Image.Image:
     return canvas
 
 
-def save_explanation(model: Any, info: dict[str, Any], path: Path) -> Path:
-    """Matplotlib figure: the test patch beside its nearest bank patch, with the distance."""
+def save_explanation(
+    model: Any, info: dict[str, Any], path: Path, train_root: str | Path | None = None,
+) -> Path:
+    """Matplotlib figure: the test patch beside its nearest bank patch, with the distance.
+
+    The source image is `info["source_path"]` (checked again before it is opened), or training
+    image `info["source_index"]` under `train_root` when that is given.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    source_path = _source_path(model, info, train_root)
     query = preprocessed_rgb(model, info["image_path"])
-    source = preprocessed_rgb(model, info["source_path"])
+    source = preprocessed_rgb(model, source_path)
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.8))
     r, c = info["patch"]
     sr, sc = info["source_position"]
@@ -135,8 +250,7 @@ def save_explanation(model: Any, info: dict[str, Any], path: Path) -> Path:
         (query, f"test image\n{Path(info['image_path']).name}", info["query_box"], "red"),
         (query.crop(info["query_box"]), f"test patch ({r}, {c})", None, None),
         (source.crop(info["source_box"]), f"nearest bank patch ({sr}, {sc})", None, None),
-        (source, f"source training image\n{Path(info['source_path']).name}", info["source_box"],
-         "lime"),
+        (source, f"source training image\n{source_path.name}", info["source_box"], "lime"),
     ]
     for ax, (img, title, box, colour) in zip(axes, panels, strict=True):
         ax.imshow(img)
@@ -155,14 +269,24 @@ def save_explanation(model: Any, info: dict[str, Any], path: Path) -> Path:
 
 
 def save_explanation_gif(
-    model: Any, image_path: str | Path, path: Path, max_frames: int = 64, duration_ms: int = 250
+    model: Any, image_path: str | Path, path: Path, max_frames: int = 64, duration_ms: int = 250,
+    train_root: str | Path | None = None,
 ) -> Path:
-    """Animated GIF over the image's patches in row-major order (subsampled to `max_frames`)."""
-    feats = image_features(model, image_path)
+    """Animated GIF over the image's patches in row-major order (subsampled to `max_frames`).
+
+    Every frame's source image is checked as in `explain_patch` (relocated by `train_root`).
+    """
+    feats = model.patch_features(image_path)
     h, w = feats.shape[:2]
     cells = [(r, c) for r in range(h) for c in range(w)]
     step = max(1, -(-len(cells) // max_frames))
-    frames = [_panel(model, explain_patch(model, image_path, cell, feats), scale=1)
+
+    @lru_cache(maxsize=32)
+    def load(p: str) -> Image.Image:
+        return preprocessed_rgb(model, p)
+
+    frames = [_panel(model, explain_patch(model, image_path, cell, feats, train_root=train_root),
+                     load, scale=1)
               for cell in cells[::step]]
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
