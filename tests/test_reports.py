@@ -214,3 +214,26 @@ def test_tracking_folders_and_missing_tracker(tmp_path: Path) -> None:
                 Tracker(kind, tmp_path)
     with pytest.raises(ConfigError):
         Tracker("tensorboard", tmp_path)
+
+
+def test_overlay_leaves_normal_pixels_clear() -> None:
+    from PIL import Image
+
+    from patchcore.errors import DataError
+    from patchcore.reports.overlay import overlay
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    cold = rng.uniform(0.0, 0.4999, (24, 32))
+    assert np.array_equal(np.asarray(overlay(image, cold)), np.asarray(image))
+    hot = cold.copy()
+    hot[4:10, 6:14] = 1.0
+    hot[14:18, 20:24] = 0.6
+    out, base = np.asarray(overlay(image, hot), dtype=int), np.asarray(image, dtype=int)
+    changed = (out != base).any(axis=2)
+    assert changed[4:10, 6:14].all() and changed[14:18, 20:24].all()
+    assert changed.sum() == 6 * 8 + 4 * 4  # nothing below the threshold is tinted
+    strong = np.abs(out - base)[4:10, 6:14].mean()
+    assert strong > np.abs(out - base)[14:18, 20:24].mean() > 0  # the tint grows with the map
+    with pytest.raises(DataError, match="does not fit"):
+        overlay(image, cold.T)

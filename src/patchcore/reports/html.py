@@ -69,10 +69,9 @@ def data_table(
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def img_tag(uri: str, alt: str = "", height: int | None = None) -> str:
+def img_tag(uri: str, alt: str = "") -> str:
     """An <img> with a data: URI (or relative link)."""
-    h = f" height='{height}'" if height else ""
-    return f"<img src='{html.escape(uri, quote=True)}' alt='{html.escape(alt)}'{h}>"
+    return f"<img src='{html.escape(uri, quote=True)}' alt='{html.escape(alt)}'>"
 
 
 def embed_file(path: Path) -> str:

@@ -8,7 +8,6 @@ groups) against the normal group, and a grid of sample images ordered by score.
 from __future__ import annotations
 
 import csv
-import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +95,6 @@ def ood_report(pred: Any, folder: Path, normal: str = "good",
     save_figure(group_density_plot(pred.scores, groups), folder / "ood_density.png")
     save_figure(sample_grid(pred.paths, pred.scores, groups), folder / "ood_samples.png")
     table = data_table(list(OOD_COLUMNS), [[r[c] for c in OOD_COLUMNS] for r in rows])
-    imgs = "".join(img_tag(embed_file(folder / f), html.escape(f))
+    imgs = "".join(img_tag(embed_file(folder / f), f)
                    for f in ("ood_strip.png", "ood_density.png", "ood_samples.png"))
     return rows, f"{table}<div class='plots'>{imgs}</div>"

@@ -6,7 +6,6 @@ Every function returns the `matplotlib.figure.Figure` it drew (tests inspect axi
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,14 +26,6 @@ def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def figure_png_bytes(fig: Figure, dpi: int = 100) -> bytes:
-    """PNG bytes of `fig` (the figure is closed)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def density_plot(
