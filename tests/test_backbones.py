@@ -59,6 +59,26 @@ def test_out_alias_and_timm_prefix() -> None:
     assert get_backbone("dinov2_vits14").patch_multiple == 14
 
 
+def test_channels_last_is_a_spec_field() -> None:
+    from dataclasses import replace
+
+    for name in ("resnet18", "densenet201", "efficientnet_lite0", "clip_rn50"):
+        assert get_backbone(name).channels_last, name
+    for name in ("vit_small_patch16_224", "swin_tiny_patch4_window7_224", "clip_vit_b16",
+                 "h_optimus_0", "timm:resnet18"):
+        assert not get_backbone(name).channels_last, name
+    torch.manual_seed(0)  # the same random weights for both builds
+    fe = FeatureExtractor("resnet18", imagesize=32, **SMALL)
+    assert fe.channels_last
+    assert fe.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    plain = FeatureExtractor(replace(get_backbone("resnet18"), channels_last=False),
+                             imagesize=32, **SMALL)
+    assert not plain.channels_last and plain.backbone.conv1.weight.is_contiguous()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(fe(x), plain(x), atol=1e-4)
+
+
 def test_bfloat16_backbone_returns_float32() -> None:
     fe = FeatureExtractor("resnet18", imagesize=64, dtype="bfloat16", **SMALL)
     assert next(fe.backbone.parameters()).dtype == torch.bfloat16

@@ -110,6 +110,7 @@ for _name, _arch, _size in (("clip_rn50", "RN50", 224), ("clip_rn50x4", "RN50x4"
             mean=CLIP_MEAN,
             std=CLIP_STD,
             input_size=_size,
+            channels_last=True,
             description=f"CLIP {_arch} image encoder (OpenAI)",
         )
     )

