@@ -28,7 +28,8 @@ from patchcore.data.images import Preprocessor
 SIZE = 32
 N_TRAIN, N_CAL, N_TEST = 8, 6, 4
 SINGLE = dict(backbone="resnet18", layers=("layer1", "layer2"), pretrained=False, resize=SIZE,
-              imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0)
+              imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0,
+              preprocess="crop")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,8 @@ def ensemble(noise_paths: list[Path]) -> PatchCore:
     """Two EfficientNet-Lite0 members whose raw distances differ by an order of magnitude."""
     model = PatchCore(backbone=["efficientnet_lite0", "efficientnet_lite0"],
                       layers=["0.blocks.1", "1.blocks.1.1.conv_dw"], resize=SIZE,
-                      imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0)
+                      imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0,
+                      preprocess="crop")
     model.progress = False
     return model.fit(noise_paths[:6])
 

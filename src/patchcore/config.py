@@ -23,6 +23,7 @@ BANK_DTYPES = ("float32", "float16")
 SAMPLERS = ("approx_greedy_coreset", "greedy_coreset", "random", "identity")
 DISTANCES = ("euclidean", "cosine")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+PREPROCESS_MODES = ("square", "aspect", "tile", "crop")
 
 MAX_IMAGESIZE = 4096  # pixels per side of the backbone input
 MAX_EMBED_DIMENSION = 16384
@@ -60,8 +61,20 @@ class PatchCoreConfig:
     patchsize: int = _f(3, "Neighbourhood aggregated into each patch feature (odd).", lo=1,
                         hi=15)
     patchstride: int = _f(1, "Stride of the patch neighbourhood.", lo=1, hi=8)
-    resize: int = _f(256, "Shorter image side before the centre crop.", lo=16, hi=MAX_IMAGESIZE)
-    imagesize: int = _f(224, "Centre-crop size fed to the backbone.", lo=16, hi=MAX_IMAGESIZE)
+    preprocess: str = _f(
+        "square", "How images become backbone inputs: square (whole image resized to imagesize "
+        "x imagesize), aspect (shorter side to imagesize, overlapping squares along the longer "
+        "side), tile (overlapping --tile-size tiles), crop (the paper's resize + centre crop, "
+        "which discards the image's borders: for reproducing MVTec AD numbers).",
+        choices=PREPROCESS_MODES)
+    resize: int = _f(256, "crop mode: shorter image side before the centre crop.", lo=16,
+                     hi=MAX_IMAGESIZE)
+    imagesize: int = _f(224, "Side of the square views fed to the backbone.", lo=16,
+                        hi=MAX_IMAGESIZE)
+    tile_size: int | None = _f(None, "tile mode: tile side in original pixels (default "
+                               "2 x imagesize).", lo=16, hi=65536)
+    tile_stride: int | None = _f(None, "tile mode: tile step in original pixels (default half "
+                                 "the tile).", lo=1, hi=65536)
     sampler: str = _f("approx_greedy_coreset", "Memory-bank subsampling.", choices=SAMPLERS)
     percentage: float = _f(0.1, "Share of patches kept in the memory bank (coreset).", lo=0.0,
                            hi=1.0, open_lo=True, short="-p")
@@ -111,7 +124,7 @@ class PatchCoreConfig:
         check_fields(self)
         if self.patchsize % 2 != 1:
             raise ConfigError(f"patchsize must be odd, got {self.patchsize}")
-        if self.resize < self.imagesize:
+        if self.preprocess == "crop" and self.resize < self.imagesize:
             raise ConfigError(f"resize ({self.resize}) must be >= imagesize ({self.imagesize}): "
                               "the image is centre-cropped after resizing")
         if not self.backbones or not all(self.backbones):
@@ -130,6 +143,9 @@ class PatchCoreConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k not in LEGACY_RUNTIME_KEYS}
+        # A saved config lacking a later hyperparameter predates it: it was fitted (and must
+        # keep scoring) with the behaviour of that time, not with today's default.
+        data = {**LEGACY_VALUES, **data}
         return from_plain(cls, data, "hyperparameter")
 
     def replace(self, **changes: Any) -> PatchCoreConfig:
@@ -139,6 +155,8 @@ class PatchCoreConfig:
 
 # Saved in config.json by format-1 models written before runtime settings were split off.
 LEGACY_RUNTIME_KEYS = ("device", "batch_size", "num_workers", "max_memory_mb", "extra")
+# Behaviour of models saved before these hyperparameters existed.
+LEGACY_VALUES: dict[str, Any] = {"preprocess": "crop"}
 
 
 @dataclass

@@ -55,6 +55,7 @@ class PatchCore:
         self.calibration_ = Calibration()
         self.train_paths_: list[str] = []  # relative to train_root_ when that is known
         self.train_root_: str | None = None
+        self.train_sizes_: list[tuple[int, int]] = []  # (W, H) of each training image
         self.feature_grid_: tuple[int, int] | None = None
         self.fit_info_: dict[str, Any] = {}
         self.calibration_prediction_: Prediction | None = None
@@ -95,6 +96,18 @@ class PatchCore:
 
             faiss.omp_set_num_threads(torch.get_num_threads())
         return self.members_
+
+    def training_view(self, v: int) -> tuple[int, np.ndarray]:
+        """(training image index, box in its original pixels) of bank view `v` (provenance)."""
+        if not self.train_sizes_:  # saved before views existed: one crop per image
+            return v, self.preprocessor.boxes(Image.open(self.training_path(v)).size)[0]
+        pre = self.preprocessor
+        for i, size in enumerate(self.train_sizes_):
+            boxes = pre.boxes(size)
+            if v < len(boxes):
+                return i, boxes[v]
+            v -= len(boxes)
+        raise DataError(f"bank view {v} is out of range for this model's training images")
 
     def training_path(self, i: int) -> Path:
         """The file of training image `i` (bank provenance), resolved against `train_root_`."""
@@ -137,9 +150,12 @@ class PatchCore:
         self.train_root_, self.train_paths_ = _relative_paths(train_samples)
         info: dict[str, Any] = {"train_images": len(train_samples),
                                 "calibration_images": len(val_samples), "members": []}
+        sizes: list[tuple[int, int]] = []
         for m, member in enumerate(self.members_):
             info["members"].append(pipeline.fit_member(
-                member, train_samples, c, self.settings, self.device, c.seed + m))
+                member, train_samples, c, self.settings, self.device, c.seed + m,
+                sizes=sizes if m == 0 else None))
+        self.train_sizes_ = [(int(w), int(h)) for w, h in sizes]
         self.feature_grid_ = self.members_[0].extractor.feature_grid
         pipeline.set_ensemble_norms(self.members_, c.seed)
         self.fit_info_ = info
@@ -169,17 +185,26 @@ class PatchCore:
             total=-(-len(samples) // s.batch_size), desc=desc, unit="batch",
             disable=not s.progress, leave=False,
         ):
-            parts.append((batch, *pipeline.score_batch(members, batch.images, self.config)))
+            parts.append(self._score_views(members, batch))
         return self._assemble(parts)
+
+    def _score_views(self, members: list[Member], batch: Batch) -> tuple:
+        chunk = self.settings.batch_size
+        pieces = [pipeline.score_batch(members, batch.images[a : a + chunk], self.config)
+                  for a in range(0, len(batch.images), chunk)]
+        return (batch, *(np.concatenate([p[k] for p in pieces]) for k in range(4)))
 
     def _assemble(self, parts: list[tuple]) -> Prediction:
         if not parts:
             raise DataError("no images to score")
         batches_: list[Batch] = [p[0] for p in parts]
-        scores = np.concatenate([p[1] for p in parts])
+        counts = np.array([c for b in batches_ for c in b.view_counts])
+        view_scores = np.concatenate([p[1] for p in parts])
+        # An image's score is the largest of its views' scores.
+        scores = np.maximum.reduceat(view_scores, np.concatenate([[0], np.cumsum(counts)[:-1]]))
         return Prediction(
             paths=[p for b in batches_ for p in b.paths],
-            scores=scores,
+            scores=scores.astype(np.float32),
             calibrated=normalise(scores, self.calibration_, "image"),
             labels=labels_for(scores, self.calibration_),
             maps=np.concatenate([p[2] for p in parts]),
@@ -187,10 +212,11 @@ class PatchCore:
             patch_scores=np.concatenate([p[3] for p in parts]),
             nearest=np.concatenate([p[4] for p in parts]),
             true_labels=np.array([lab for b in batches_ for lab in b.labels]),
-            masks=(np.concatenate([b.masks.numpy() for b in batches_])
+            masks=([m for b in batches_ for m in b.masks]
                    if batches_[0].masks is not None else None),
             groups=[g for b in batches_ for g in b.groups],
             preprocessor=self.preprocessor,
+            view_image=np.repeat(np.arange(len(counts)), counts),
         )
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction:
@@ -213,18 +239,22 @@ class PatchCore:
         bs = self.settings.batch_size
         for start in range(0, len(items), bs):
             pil = [to_pil_image(x) for x in items[start : start + bs]]
-            batch = Batch(torch.stack([pre.image(p, name=f"input image {start + k}")
-                                       for k, p in enumerate(pil)]), [None] * len(pil),
-                          [p.size for p in pil], [-1] * len(pil), [""] * len(pil), None)
-            parts.append((batch, *pipeline.score_batch(members, batch.images, self.config)))
+            views = [pre.views(p, name=f"input image {start + k}") for k, p in enumerate(pil)]
+            batch = Batch(torch.cat(views), [None] * len(pil), [p.size for p in pil],
+                          [-1] * len(pil), [""] * len(pil), None, [len(v) for v in views])
+            parts.append(self._score_views(members, batch))
         return self._assemble(parts)
 
     def patch_features(self, image: ImageInput) -> np.ndarray:
-        """Patch features (h x w x D) of one image from the first member."""
+        """Patch features (h x w x D) of one image's first view from the first member."""
+        return self.view_features(image)[0]
+
+    def view_features(self, image: ImageInput) -> np.ndarray:
+        """Patch features (V x h x w x D) of every view of one image from the first member."""
         member = self._ready()[0]
         pil = to_pil_image(image.path if isinstance(image, Sample) else image)
-        image_tensor = self.preprocessor.image(pil, name="input image")[None]
-        return pipeline.member_features(member, image_tensor)[0]
+        views = self.preprocessor.views(pil, name="input image")
+        return pipeline.member_features(member, views, self.settings.batch_size)
 
     # -- calibration ------------------------------------------------------------------------
 
@@ -242,7 +272,7 @@ class PatchCore:
         pred = self.score(samples, masks=has_masks, desc="calibration")
         self.calibration_prediction_ = pred
         labels = np.array([max(s.label, 0) for s in samples])
-        self.calibration_ = calibrate(pred.scores, pred.maps, labels,
+        self.calibration_ = calibrate(pred.scores, pred.original_maps(), labels,
                                       pred.masks if has_masks else None, threshold_fpr,
                                       threshold_percentile, self.config.seed)
         return self.calibration_
@@ -255,7 +285,7 @@ class PatchCore:
             raise NotFittedError("this PatchCore model is not fitted: call fit() or load() first")
         return ModelState(self.config, [m.bank for m in self.members_], self.feature_grid_,
                           self.calibration_, list(self.train_paths_), self.train_root_,
-                          dict(self.fit_info_))
+                          dict(self.fit_info_), list(self.train_sizes_))
 
     @classmethod
     def from_state(cls, state: ModelState, settings: RuntimeSettings | None = None,
@@ -274,6 +304,7 @@ class PatchCore:
         model.calibration_ = state.calibration
         model.train_paths_ = list(state.train_paths)
         model.train_root_ = state.train_root
+        model.train_sizes_ = [tuple(s) for s in state.train_sizes]
         model.fit_info_ = dict(state.fit_info)
         return model
 

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 
 from ..errors import DataError, PatchCoreError
@@ -361,98 +359,21 @@ def _array_to_rgb(x: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
-# -- preprocessing -----------------------------------------------------------------------------
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) of an image file as displayed (EXIF orientation applied), read from its header."""
+    path = Path(path)
+    check_regular_file(path, "image")
+    try:
+        with Image.open(path, formats=DECODABLE_FORMATS) as img:
+            w, h = img.size
+            try:
+                turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+            except Exception:  # corrupt EXIF: as stored, the same rule as `_oriented`
+                turned = False
+    except Exception:  # noqa: BLE001 - the full decode names the exact problem
+        load_image(path)
+        raise DataError(f"image {path} is not a readable image") from None
+    return (h, w) if turned else (w, h)
 
 
-class Preprocessor:
-    """Resize (shorter side), center crop, normalise; and the inverse for anomaly maps."""
-
-    def __init__(
-        self,
-        resize: int,
-        imagesize: int,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
-    ) -> None:
-        self.resize = resize
-        self.imagesize = imagesize
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(W, H) after resizing the shorter side to `resize`, as torchvision does."""
-        w, h = size
-        if w <= h:
-            return self.resize, int(self.resize * h / w)
-        return int(self.resize * w / h), self.resize
-
-    def crop_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of the center crop within the resized image."""
-        rw, rh = self.resized_size(size)
-        top = int(round((rh - self.imagesize) / 2.0))
-        left = int(round((rw - self.imagesize) / 2.0))
-        return left, top, left + self.imagesize, top + self.imagesize
-
-    def check_size(self, size: tuple[int, int], name: str | Path | None = None) -> None:
-        """DataError (naming `name`) when an image of `size` (W, H) would be too costly.
-
-        Refused: an empty image, an aspect ratio above MAX_ASPECT_RATIO, or a resized frame of
-        more than MAX_RESIZED_PIXELS pixels. Called before anything is allocated.
-        """
-        label = str(name) if name is not None else "an image"
-        w, h = int(size[0]), int(size[1])
-        if w < 1 or h < 1:
-            raise DataError(f"{label} is {w}x{h} pixels: an image needs at least 1x1")
-        ratio = max(w, h) / min(w, h)
-        if ratio > MAX_ASPECT_RATIO:
-            raise DataError(
-                f"{label} is {w}x{h}, an aspect ratio of {ratio:.0f}:1, above the limit of "
-                f"{MAX_ASPECT_RATIO:g}:1 (MAX_ASPECT_RATIO): crop it into tiles before scoring"
-            )
-        rw, rh = self.resized_size((w, h))
-        if rw * rh > MAX_RESIZED_PIXELS:
-            raise DataError(
-                f"{label} is {w}x{h} and would be {rw}x{rh} after resizing its shorter side to "
-                f"{self.resize}, above the limit of {MAX_RESIZED_PIXELS:,} pixels "
-                "(MAX_RESIZED_PIXELS): crop it into tiles or lower resize"
-            )
-
-    def image(self, img: Image.Image, name: str | Path | None = None) -> torch.Tensor:
-        """RGB PIL image -> normalised 3 x imagesize x imagesize tensor.
-
-        `name` (e.g. the file) is what a size DataError names.
-        """
-        self.check_size(img.size, name)
-        if img.mode != "RGB":
-            img = to_rgb(img)
-        resized = img.resize(self.resized_size(img.size), Image.BILINEAR)
-        cropped = resized.crop(self.crop_box(img.size))
-        array = np.asarray(cropped, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        return (tensor - self.mean) / self.std
-
-    def mask(self, mask: np.ndarray, name: str | Path | None = None) -> torch.Tensor:
-        """H x W bool mask -> imagesize x imagesize bool tensor (nearest neighbour)."""
-        size = (mask.shape[1], mask.shape[0])
-        self.check_size(size, name if name is not None else "a mask")
-        img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-        resized = img.resize(self.resized_size(img.size), Image.NEAREST)
-        cropped = np.asarray(resized.crop(self.crop_box(img.size))) > 127
-        return torch.from_numpy(cropped)
-
-    def to_original(
-        self, amap: np.ndarray, size: tuple[int, int], name: str | Path | None = None
-    ) -> np.ndarray:
-        """An imagesize x imagesize map back onto the original image (H x W for size (W, H)).
-
-        The crop is placed inside the resized frame, the border outside the crop repeats the
-        nearest map value, and the frame is resized bilinearly to the original size. Sizes the
-        preprocessing refuses (`check_size`) are refused here too.
-        """
-        self.check_size(size, name if name is not None else f"an image of size {size}")
-        rw, rh = self.resized_size(size)
-        left, top, right, bottom = self.crop_box(size)
-        t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-        t = F.pad(t, (left, rw - right, top, rh - bottom), mode="replicate")
-        t = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)
-        return t[0, 0].numpy()
+from .preprocess import Preprocessor  # noqa: E402, F401  (re-export: it lives in preprocess.py)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -20,12 +21,17 @@ from .layouts import Sample
 class Batch:
     """Preprocessed images with what is needed to map results back to each file."""
 
-    images: torch.Tensor  # B x 3 x S x S
+    images: torch.Tensor  # V x 3 x S x S: every view of the batch's images, image by image
     paths: list[Path]
     sizes: list[tuple[int, int]]  # original (W, H)
     labels: list[int]
     groups: list[str]
-    masks: torch.Tensor | None  # B x S x S bool, when masks were requested
+    masks: list[np.ndarray] | None  # H x W bool at each image's own size, when requested
+    view_counts: list[int] | None = None  # views per image (images holds all views in order)
+
+    def __post_init__(self) -> None:
+        if self.view_counts is None:
+            self.view_counts = [1] * len(self.paths)
 
 
 class SampleDataset(Dataset):
@@ -52,14 +58,13 @@ class SampleDataset(Dataset):
     def _item(self, i: int) -> dict:
         sample = self.samples[i]
         img = load_image(sample.path)
-        item = {"image": self.pre.image(img, name=f"image {sample.path}"), "path": sample.path,
+        item = {"views": self.pre.views(img, name=f"image {sample.path}"), "path": sample.path,
                 "size": img.size, "label": sample.label, "group": sample.group}
         if self.masks:
             if sample.mask is not None:
-                mask = load_mask(sample.mask, img.size)
-                item["mask"] = self.pre.mask(mask, name=f"mask {sample.mask}")
+                item["mask"] = load_mask(sample.mask, img.size)
             else:
-                item["mask"] = torch.zeros(self.pre.imagesize, self.pre.imagesize, dtype=torch.bool)
+                item["mask"] = np.zeros((img.size[1], img.size[0]), dtype=bool)
         return item
 
 
@@ -75,12 +80,13 @@ def _collate(items: list[dict]) -> Batch | _Failed:
         if "error" in it:
             return _Failed(it["error"])
     return Batch(
-        images=torch.stack([it["image"] for it in items]),
+        images=torch.cat([it["views"] for it in items]),
         paths=[it["path"] for it in items],
         sizes=[it["size"] for it in items],
         labels=[it["label"] for it in items],
         groups=[it["group"] for it in items],
-        masks=torch.stack([it["mask"] for it in items]) if "mask" in items[0] else None,
+        masks=[it["mask"] for it in items] if "mask" in items[0] else None,
+        view_counts=[len(it["views"]) for it in items],
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +125,8 @@ def _round_up_f32(thr: float) -> float:
 
 
 def calibrate(
-    scores: np.ndarray, maps: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None,
+    scores: np.ndarray, maps: Sequence[np.ndarray], labels: np.ndarray,
+    masks: Sequence[np.ndarray] | None = None,
     threshold_fpr: float | None = None, threshold_percentile: float | None = None,
     seed: int = 0,
 ) -> Calibration:
@@ -162,16 +164,19 @@ def calibrate(
             f"max({GOOD_PERCENTILE:g}th percentile, mean + 3 std) of normal scores")
     cal.image_threshold = float(thr)
     cal.image_min, cal.image_max = float(scores.min()), float(scores.max())
-    if masks is not None and masks.any():
-        flat_maps, flat_masks = _pixel_subsample(maps, masks, seed)
-        _, pthr = metrics.f1_max(flat_masks, flat_maps)
+    flat_maps = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    if masks is not None and any(m.any() for m in masks):
+        flat_masks = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
+        sub_maps, sub_masks = _pixel_subsample(flat_maps, flat_masks, seed)
+        _, pthr = metrics.f1_max(sub_masks, sub_maps)
         cal.pixel_threshold_rule = "f1_max on validation masks"
     else:
-        good = maps[normal] if normal.any() else maps
-        pthr = float(np.percentile(good, PIXEL_PERCENTILE))
+        good = [np.asarray(m).ravel() for m, ok in zip(maps, normal, strict=True) if ok]
+        pthr = float(np.percentile(np.concatenate(good) if good else flat_maps,
+                                   PIXEL_PERCENTILE))
         cal.pixel_threshold_rule = f"{PIXEL_PERCENTILE:g}th percentile of normal pixels"
     cal.pixel_threshold = float(pthr)
-    cal.pixel_min, cal.pixel_max = float(maps.min()), float(maps.max())
+    cal.pixel_min, cal.pixel_max = float(flat_maps.min()), float(flat_maps.max())
     return cal
 
 

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from ..backbones import get_backbone
 from ..config import PatchCoreConfig, RuntimeSettings
-from ..data.images import Preprocessor
+from ..data.images import Preprocessor, image_size
 from ..data.layouts import Sample
 from ..data.loader import batches
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .bank import MemoryBank, bank_index, build_bank
 from .calibration import member_norm
 from .features import FeatureExtractor
@@ -66,9 +66,17 @@ def parse_members(backbones: str | Sequence[str], layers: Sequence[str] | None) 
 
 
 def preprocessor(config: PatchCoreConfig) -> Preprocessor:
-    """Resize / crop to [0, 1] RGB tensors (members normalise with their own mean and std)."""
+    """Views as [0, 1] RGB tensors (members normalise with their own mean and std)."""
     return Preprocessor(config.resize, config.imagesize, mean=(0.0, 0.0, 0.0),
-                        std=(1.0, 1.0, 1.0))
+                        std=(1.0, 1.0, 1.0), mode=config.preprocess, tile_size=config.tile_size,
+                        tile_stride=config.tile_stride)
+
+
+def view_counts(samples: Sequence[Sample], pre: Preprocessor) -> list[int]:
+    """Views per image (read from the headers only where the mode's count depends on size)."""
+    if pre.mode in ("crop", "square"):
+        return [1] * len(samples)
+    return [pre.num_views(image_size(s.path)) for s in samples]
 
 
 def make_extractor(member: Member, config: PatchCoreConfig, device: torch.device
@@ -88,31 +96,50 @@ def make_extractor(member: Member, config: PatchCoreConfig, device: torch.device
     return member.extractor
 
 
-def member_features(member: Member, images: torch.Tensor) -> np.ndarray:
-    """Patch features (B x h x w x D, float32) of raw [0, 1] images for one member."""
+def member_features(member: Member, images: torch.Tensor, chunk: int | None = None
+                    ) -> np.ndarray:
+    """Patch features (B x h x w x D, float32) of raw [0, 1] images for one member.
+
+    `chunk` bounds the images per forward pass (a batch of tiled images has many views).
+    """
     assert member.extractor is not None
     spec = member.extractor.spec
     mean = torch.tensor(spec.mean, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=images.dtype).view(1, -1, 1, 1)
-    return member.extractor((images - mean) / std).cpu().numpy()
+    step = chunk or len(images)
+    parts = [member.extractor((images[a : a + step] - mean) / std).cpu().numpy()
+             for a in range(0, len(images), step)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def extract_features(
     member: Member, samples: Sequence[Sample], pre: Preprocessor, settings: RuntimeSettings,
-    desc: str = "features",
+    desc: str = "features", sizes: list[tuple[int, int]] | None = None,
 ) -> FeatureStore:
-    """All patch features of `samples` (image-major rows) in a store bounded by max_memory_mb."""
+    """All patch features of `samples` (view-major rows) in a store bounded by max_memory_mb.
+
+    The (W, H) of every image is appended to `sizes` when given.
+    """
     extractor = member.extractor
     assert extractor is not None
     h, w = extractor.feature_grid
-    store = FeatureStore(len(samples) * h * w, extractor.feature_dim, settings.max_memory_mb)
+    counts = view_counts(samples, pre)
+    store = FeatureStore(sum(counts) * h * w, extractor.feature_dim, settings.max_memory_mb)
+    done = 0
     try:
         for batch in tqdm(
             batches(samples, pre, settings.batch_size, num_workers=settings.num_workers),
             total=-(-len(samples) // settings.batch_size), desc=f"{desc} [{member.backbone}]",
             unit="batch", disable=not settings.progress, leave=False,
         ):
-            feats = member_features(member, batch.images)
+            expected = counts[done : done + len(batch.paths)]
+            if batch.view_counts != expected:
+                raise DataError(f"image {batch.paths[0]} or its batch changed size while being "
+                                "read; rerun when the folder is not being written to")
+            done += len(batch.paths)
+            if sizes is not None:
+                sizes.extend(batch.sizes)
+            feats = member_features(member, batch.images, settings.batch_size)
             store.append(feats.reshape(-1, feats.shape[-1]))
     except BaseException:
         store.close()
@@ -123,11 +150,15 @@ def extract_features(
 def fit_member(
     member: Member, samples: Sequence[Sample], config: PatchCoreConfig,
     settings: RuntimeSettings, device: torch.device, seed: int,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
-    """Extract, subsample and index one member's memory bank; returns its training summary."""
+    """Extract, subsample and index one member's memory bank; returns its training summary.
+
+    Bank provenance (`image_index`) counts views: with one view per image, images.
+    """
     extractor = make_extractor(member, config, device)
     t0 = time.perf_counter()
-    store = extract_features(member, samples, preprocessor(config), settings)
+    store = extract_features(member, samples, preprocessor(config), settings, sizes=sizes)
     try:
         t1 = time.perf_counter()
         rows, image_index, position, info = build_bank(

@@ -34,9 +34,10 @@ def evaluate_split(model: PatchCore, split: DatasetSplit) -> tuple[dict[str, Any
     pred = model.score(split.test, masks=with_masks, desc=f"evaluate [{split.name}]")
     elapsed = time.perf_counter() - t0
     threshold = model.calibration_.get("image_threshold")
+    # Pixel metrics over every pixel of every image, at the image's own size.
     result = metrics.evaluate(
         pred.true_labels, pred.scores,
-        pred.masks if with_masks else None, pred.maps if with_masks else None,
+        pred.masks if with_masks else None, pred.original_maps() if with_masks else None,
         threshold=threshold,
     )
     row: dict[str, Any] = {"category": split.name, **{k: _plain(v) for k, v in result.items()}}
