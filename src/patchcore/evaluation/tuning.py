@@ -1,102 +1,189 @@
-"""Hyperparameter search for PatchCore with cached features and resumable results.
+"""Hyperparameter search for PatchCore on verified, cached features, with resumable results.
 
-Features depend only on a few hyperparameters (backbone, layers, patch size/stride, image size,
-resize, embedding dimensions, weights); they are extracted once per such setting and cached as
-.npy files under OUT/cache/<hash>/. Every other hyperparameter (sampler, percentage, k,
-distance, reweighting, blur) is evaluated from the cache: a memory bank is sampled, indexed and
-the test features scored exactly as `PatchCore.fit` + `evaluation.evaluate_split` would.
+Features depend on every hyperparameter outside `BANK_KEYS` (backbone, layers, sizes, ... and the
+seed and hold-out that choose the training images). They are extracted once per such setting by
+the engine's own fit path (`pipeline.extract_features`, `member_features`) and streamed into
+OUT/cache/<id>/ as .npy files whose shape, dtype and sha256 are recorded in meta.json, written
+last and atomically. A cache entry that does not verify is recomputed, with a warning. Every grid
+point is then evaluated from the cache exactly as `PatchCore.fit` + `evaluate_split` would:
+`build_bank`, `bank_index`, `pipeline.score_features` and `anomaly_maps`, with the features
+read from the cache files in slices when they exceed `settings.max_memory_mb`.
 
-Finished points are appended to OUT/tune_results.jsonl and skipped when the search is re-run.
+Finished points are appended to OUT/tune_results.jsonl (flushed and fsynced) and skipped when the
+search is re-run on the same data with the same settings; damaged lines are dropped with a
+warning and their points recomputed.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import difflib
 import hashlib
-import itertools
+import io
 import json
 import logging
 import math
-import random
+import os
 import time
+import typing
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.model_selection import ParameterGrid, ParameterSampler
+from tqdm.auto import tqdm
 
-from ..config import PatchCoreConfig, RuntimeSettings
+from .. import __version__
+from ..config import PatchCoreConfig, RuntimeSettings, check_value
 from ..data.layouts import DatasetSplit, Sample
 from ..data.loader import batches
+from ..engine import pipeline
 from ..engine.bank import MemoryBank, bank_index, build_bank
 from ..engine.calibration import holdout_split
 from ..engine.features import resolve_device
-from ..engine.pipeline import (
-    make_extractor,
-    member_features,
-    parse_members,
-    preprocessor,
-)
-from ..engine.pipeline import (
-    score_features as score_member,
-)
+from ..engine.memory import FeatureStore, read_npy_header
+from ..engine.pipeline import Member, make_extractor, member_features, parse_members
 from ..engine.scoring import anomaly_maps
-from ..errors import ConfigError
-from ..model import PatchCore
+from ..errors import ConfigError, DataError
 from . import metrics
 
 log = logging.getLogger(__name__)
 
-FEATURE_KEYS = ("backbone", "layers", "pretrained", "weights", "pretrain_embed_dimension",
-                "target_embed_dimension", "patchsize", "patchstride", "imagesize", "resize")
+# Hyperparameters that only shape the memory bank and the scores: every other one (and the
+# package version) decides the cached features.
+BANK_KEYS = ("sampler", "percentage", "projection_dim", "num_starting_points",
+             "anomaly_scorer_num_nn", "distance", "reweight", "reweight_neighbourhood",
+             "blur_sigma", "index", "bank_dtype", "threshold_fpr", "threshold_percentile")
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 RESULTS_FILE = "tune_results.jsonl"
+CACHE_FORMAT = 2
+CACHE_FILES = ("train.npy", "test.npy", "labels.npy")
+CHUNK_ROWS = 65536  # feature rows per write when streaming into the cache
+HASH_BLOCK = 1 << 20
+MAX_POINTS = 100_000
+
+_HYPER = {f.name: f for f in dataclasses.fields(PatchCoreConfig)}
+_HINTS = typing.get_type_hints(PatchCoreConfig)
+_RUNTIME = {f.name: f for f in dataclasses.fields(RuntimeSettings)}
+_TRUE, _FALSE, _NONE = ("true", "yes", "1"), ("false", "no", "0"), ("none", "null")
 
 
 # -- grids -------------------------------------------------------------------------------------
 
-def _convert(key: str, text: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(PatchCoreConfig)}
-    if key not in fields or key == "extra":
-        raise ConfigError(f"unknown hyperparameter {key!r} in the grid")
-    default = getattr(PatchCoreConfig(), key)
-    text = text.strip()
-    if key == "layers":
-        return text  # "layer2+layer3", converted when building the config
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"{key} takes true/false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    return text
+def _runtime_option(name: str) -> str:
+    return _RUNTIME[name].metadata.get("cli") or "--" + name.replace("_", "-")
+
+
+def check_key(key: str) -> None:
+    """ConfigError unless `key` names a PatchCoreConfig hyperparameter."""
+    if key in _HYPER:
+        return
+    if key in _RUNTIME:
+        raise ConfigError(f"{key} is a runtime setting, not a hyperparameter: give it as "
+                          f"{_runtime_option(key)}, not in the grid")
+    close = difflib.get_close_matches(key, [*_HYPER, *_RUNTIME], n=1)
+    if close and close[0] in _RUNTIME:
+        hint = (f" (did you mean {close[0]}? that is a runtime setting: give it as "
+                f"{_runtime_option(close[0])}, not in the grid)")
+    else:
+        hint = f" (did you mean {close[0]}?)" if close else (
+            "; grid keys are hyperparameters such as percentage or anomaly_scorer_num_nn")
+    raise ConfigError(f"unknown hyperparameter {key!r} in the grid{hint}")
+
+
+def check_grid_value(key: str, value: Any) -> Any:
+    """`value` type- and range-checked like the PatchCoreConfig field (layers may be "a+b")."""
+    checked = tuple(value.split("+")) if key == "layers" and isinstance(value, str) else value
+    try:
+        checked = check_value(key, checked, _HINTS[key], _HYPER[key].metadata)
+    except ConfigError as exc:
+        raise ConfigError(f"grid entry {key}={value}: {exc}") from None
+    return value if key == "layers" else checked
+
+
+def parse_value(key: str, text: str) -> Any:
+    """One grid value from text, typed and range-checked like the PatchCoreConfig field."""
+    check_key(key)
+    raw = text.strip()
+    if not raw:
+        raise ConfigError(f"grid entry {key} has an empty value; write {key}=v1,v2")
+    kinds = set(typing.get_args(_HINTS[key])) or {_HINTS[key]}
+    low = raw.lower()
+    if type(None) in kinds and low in _NONE:
+        value: Any = None
+    elif bool in kinds:
+        if low not in _TRUE + _FALSE:
+            raise ConfigError(f"grid entry {key}={raw}: {key} takes true or false")
+        value = low in _TRUE
+    elif int in kinds or float in kinds:
+        try:
+            value = int(raw) if int in kinds else float(raw)
+        except ValueError:
+            want = "a whole number" if int in kinds else "a number"
+            raise ConfigError(f"grid entry {key}={raw}: {key} takes {want}, got {raw!r}"
+                              ) from None
+    else:
+        value = raw
+    return check_grid_value(key, value)
+
+
+def check_grid(grid: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """The grid with every key and value checked: hyperparameters only, non-empty value lists
+    without repeats, each value valid for its field. Raises a one-line ConfigError."""
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("the grid is empty; give it as name=v1,v2;name=v1,v2")
+    out: dict[str, list[Any]] = {}
+    for key, values in grid.items():
+        check_key(key)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"grid entry {key} needs a non-empty list of values")
+        out[key] = [check_grid_value(key, v) for v in values]
+        if len({json.dumps(v, default=str) for v in out[key]}) != len(out[key]):
+            raise ConfigError(f"grid entry {key} lists a value twice; give each value once")
+    size = len(ParameterGrid(out))
+    if size > MAX_POINTS:
+        raise ConfigError(f"the grid has {size} points (more than {MAX_POINTS}); narrow it or "
+                          "evaluate a random subset (--random N)")
+    return out
 
 
 def parse_grid(text: str) -> dict[str, list[Any]]:
-    """"percentage=0.01,0.1;anomaly_scorer_num_nn=1,3" -> {"percentage": [0.01, 0.1], ...}."""
+    """"percentage=0.01,0.1;anomaly_scorer_num_nn=1,3" -> {"percentage": [0.01, 0.1], ...}.
+
+    Every malformed entry, unknown or runtime key and out-of-range value is a one-line
+    ConfigError.
+    """
     grid: dict[str, list[Any]] = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
+    for part in filter(None, (p.strip() for p in str(text).split(";"))):
         key, sep, values = part.partition("=")
-        if not sep or not values.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"grid entries look like name=v1,v2; got {part!r}")
-        grid[key.strip()] = [_convert(key.strip(), v) for v in values.split(",") if v.strip()]
-    if not grid:
-        raise ConfigError("the grid is empty")
-    return grid
+        if key in grid:
+            raise ConfigError(f"grid entry {key} is given twice; list all its values once: "
+                              f"{key}=v1,v2")
+        check_key(key)
+        grid[key] = [parse_value(key, v) for v in values.split(",")]
+    return check_grid(grid)
 
 
 def grid_points(
-    grid: dict[str, list[Any]], random_n: int | None = None, seed: int = 0
+    grid: dict[str, Sequence[Any]], random_n: int | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
-    """All combinations of the grid, or `random_n` of them drawn without replacement."""
-    keys = list(grid)
-    points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
-    if random_n is not None and random_n < len(points):
-        points = random.Random(seed).sample(points, random_n)
-    return points
+    """Every combination of the grid (scikit-learn's ParameterGrid), or `random_n` of them drawn
+    without replacement, the same ones for the same seed (ParameterSampler)."""
+    full = ParameterGrid(grid)
+    if random_n is not None and (isinstance(random_n, bool) or not isinstance(random_n, int)
+                                 or random_n < 1):
+        raise ConfigError(f"the number of random points must be a whole number >= 1, got "
+                          f"{random_n!r}")
+    if random_n is None or random_n >= len(full):
+        return list(full)
+    return list(ParameterSampler(grid, n_iter=random_n, random_state=seed))
 
 
 def config_for(base: PatchCoreConfig, point: dict[str, Any]) -> PatchCoreConfig:
@@ -107,12 +194,33 @@ def config_for(base: PatchCoreConfig, point: dict[str, Any]) -> PatchCoreConfig:
     return base.replace(**changes)
 
 
+def point_config(base: PatchCoreConfig, point: dict[str, Any]) -> PatchCoreConfig:
+    """The validated config of one grid point (one backbone); a one-line ConfigError if not."""
+    try:
+        config = config_for(base, point)
+        members = parse_members(config.backbone, config.layers)
+    except ConfigError as exc:
+        raise ConfigError(f"grid point {point_key(point)}: {exc}") from None
+    if len(members) != 1:
+        raise ConfigError(f"grid point {point_key(point)}: tuning takes one backbone; tune "
+                          "ensemble members one at a time")
+    if getattr(config, "preprocess", "crop") not in ("crop", "square"):
+        raise ConfigError(f"grid point {point_key(point)}: tuning scores one view per image; "
+                          "use preprocess=square or crop")
+    return config
+
+
 def point_key(point: dict[str, Any]) -> str:
-    """Stable identity of a grid point (for resuming)."""
+    """Stable identity of a grid point."""
     return json.dumps(point, sort_keys=True, default=str)
 
 
-# -- features ----------------------------------------------------------------------------------
+def _canonical(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# -- cached features ---------------------------------------------------------------------------
 
 def training_samples(split: DatasetSplit, config: PatchCoreConfig) -> list[Sample]:
     """The images `PatchCore.fit(split)` builds its memory bank from (after any holdout)."""
@@ -121,123 +229,292 @@ def training_samples(split: DatasetSplit, config: PatchCoreConfig) -> list[Sampl
     return holdout_split(list(split.train), config.calibration_holdout, config.seed)[0]
 
 
+def _file_state(path: Path | str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def feature_key(config: PatchCoreConfig, split: DatasetSplit, train: Sequence[Sample]
+                ) -> dict[str, Any]:
+    """What cached features depend on: the feature hyperparameters, the package version and the
+    exact train and test files (path, size, modification time), test labels and masks."""
+    return _canonical({
+        "format": CACHE_FORMAT, "version": __version__,
+        "config": {k: v for k, v in config.to_dict().items() if k not in BANK_KEYS},
+        "train": [_file_state(s.path) for s in train],
+        "test": [[*_file_state(s.path), s.label, None if s.mask is None else _file_state(s.mask)]
+                 for s in split.test],
+    })
+
+
+def entry_id(key: dict[str, Any]) -> str:
+    """The cache folder name of a feature key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass
 class FeatureCache:
-    """Train and test patch features of one feature setting (arrays may be memory-mapped)."""
+    """Verified cached features of one feature setting.
 
-    train: np.ndarray  # N x h x w x D
-    test: np.ndarray  # T x h x w x D
+    `train` and `test` are stores over the cache files (N*h*w x D rows, image-major): in RAM
+    within the memory budget, read slice by slice past it.
+    """
+
+    folder: Path
+    train: FeatureStore
+    test: FeatureStore
     labels: np.ndarray  # T
     masks: np.ndarray | None  # T x S x S bool
-    train_paths: list[str]
     grid: tuple[int, int]
+    train_paths: list[str]
+
+    def close(self) -> None:
+        """Release the stores (the cache files stay)."""
+        self.train.close()
+        self.test.close()
 
 
-def _feature_hash(config: PatchCoreConfig, split: DatasetSplit, train: list[Sample]) -> str:
-    meta = {k: getattr(config, k) for k in FEATURE_KEYS}
-    meta["layers"] = list(config.layers) if config.layers else None
-    meta["train"] = [str(s.path) for s in train]
-    meta["test"] = [str(s.path) for s in split.test]
-    meta["seed"] = config.seed
-    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+def _write_npy(path: Path, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]
+               ) -> dict[str, Any]:
+    """Stream `chunks` (C order, `shape` in total) into a .npy file and fsync it; returns the
+    file's shape, dtype and sha256 (hashed while writing)."""
+    dtype = np.dtype(dtype)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": tuple(int(n) for n in shape)})
+    digest = hashlib.sha256(header.getvalue())
+    written = 0
+    with open(path, "wb") as fh:
+        fh.write(header.getvalue())
+        for chunk in chunks:
+            part = np.ascontiguousarray(chunk, dtype=dtype)
+            data = memoryview(part).cast("B")
+            digest.update(data)
+            fh.write(data)
+            written += part.size
+        fh.flush()
+        os.fsync(fh.fileno())
+    if written != math.prod(shape):
+        raise DataError(f"{path}: wrote {written} values where {math.prod(shape)} were expected "
+                        "(did the images change during the run?); run tune again")
+    return {"shape": [int(n) for n in shape], "dtype": dtype.str, "sha256": digest.hexdigest()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and os.replace (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _verify_entry(folder: Path, meta: Any, key: dict[str, Any]) -> None:
+    """DataError naming the first way the cache entry differs from its meta.json and `key`."""
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise DataError("meta.json is not a tune cache description of this version")
+    if meta.get("key") != key:
+        raise DataError("it was made for other feature settings or other image files")
+    h, w = (int(n) for n in meta["grid"])
+    files = meta["files"]
+    names = [*CACHE_FILES, *(["masks.npy"] if meta["masks"] else [])]
+    n_train, n_test = len(key["train"]) * h * w, len(key["test"])
+    expected = {"train.npy": n_train, "test.npy": n_test * h * w, "labels.npy": n_test,
+                "masks.npy": n_test}
+    for name in names:
+        spec = files[name]
+        shape, dtype, _ = read_npy_header(folder / name)
+        if list(shape) != spec["shape"] or dtype.str != spec["dtype"]:
+            raise DataError(f"{name} holds {dtype.str} {list(shape)} but meta.json recorded "
+                            f"{spec['dtype']} {spec['shape']}")
+        if not shape or shape[0] != expected[name]:
+            raise DataError(f"{name} has {shape[0] if shape else 0} rows, the setting needs "
+                            f"{expected[name]}")
+        if _sha256(folder / name) != spec["sha256"]:
+            raise DataError(f"{name} does not match its sha256 checksum")
+    if files["train.npy"]["shape"][1:] != files["test.npy"]["shape"][1:]:
+        raise DataError("train and test features differ in dimension")
+
+
+def open_cache(folder: Path, key: dict[str, Any], max_memory_mb: float | None = None
+               ) -> FeatureCache | None:
+    """The cache entry in `folder`, verified against `key` and its meta.json (shape and dtype
+    from each array header, sha256 of each file), or None with a warning saying why not."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            log.warning("tune cache %s has no meta.json (an interrupted extraction): "
+                        "recomputing its features", folder)
+        return None
+    stores: list[FeatureStore] = []
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        _verify_entry(folder, meta, key)
+        stores.append(FeatureStore.open_npy(folder / "train.npy", max_memory_mb))
+        train = stores[0]
+        # The test rows get what the training rows left of the budget.
+        left = None if max_memory_mb is None else max(
+            0.0, max_memory_mb - (0 if train.on_disk else train.rows * train.dim * 4 / 2**20))
+        stores.append(FeatureStore.open_npy(folder / "test.npy", left))
+        labels = np.load(folder / "labels.npy")
+        masks = np.load(folder / "masks.npy").astype(bool) if meta["masks"] else None
+        grid = (int(meta["grid"][0]), int(meta["grid"][1]))
+        paths = [str(p) for p in meta["train_paths"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, DataError) as exc:
+        for store in stores:
+            store.close()
+        log.warning("tune cache %s is not usable (%s): recomputing its features", folder,
+                    str(exc)[:200])
+        return None
+    return FeatureCache(folder, stores[0], stores[1], labels, masks, grid, paths)
 
 
 def extract_features(
+    config: PatchCoreConfig, split: DatasetSplit, train: Sequence[Sample], folder: Path,
+    key: dict[str, Any], settings: RuntimeSettings,
+) -> FeatureCache:
+    """Extract the train and test features of one feature setting into `folder` (streamed, in
+    batches) and open them as a verified FeatureCache."""
+    if not train:
+        raise DataError(f"category {split.name} has no training images left for the memory "
+                        "bank; add normal images or lower calibration_holdout")
+    (folder / "meta.json").unlink(missing_ok=True)  # invalid until meta.json is written again
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    member = parse_members(config.backbone, config.layers)[0]
+    extractor = make_extractor(member, config, resolve_device(settings.device))
+    pre = pipeline.preprocessor(config)
+    h, w = extractor.feature_grid
+    files: dict[str, dict[str, Any]] = {}
+    with pipeline.extract_features(member, train, pre, settings, "tune features") as store:
+        files["train.npy"] = _write_npy(folder / "train.npy", store.shape, np.float32, (
+            store[a : a + CHUNK_ROWS] for a in range(0, len(store), CHUNK_ROWS)))
+    with_masks = split.has_masks
+    labels: list[int] = []
+    mask_parts: list[np.ndarray] = []
+
+    def test_rows() -> Iterator[np.ndarray]:
+        for batch in tqdm(
+            batches(split.test, pre, settings.batch_size, masks=with_masks,
+                    num_workers=settings.num_workers),
+            total=-(-len(split.test) // settings.batch_size), desc=f"tune test [{split.name}]",
+            unit="batch", disable=not settings.progress, leave=False,
+        ):
+            if any(n != 1 for n in getattr(batch, "view_counts", None) or ()):
+                raise ConfigError(f"tuning scores one view per image; {split.name} gives "
+                                  "several (aspect or tile preprocessing): tune with square or "
+                                  "crop")
+            feats = member_features(member, batch.images)
+            labels.extend(batch.labels)
+            if with_masks:
+                mask_parts.append(_mask_array(batch.masks))
+            yield feats.reshape(-1, feats.shape[-1])
+
+    files["test.npy"] = _write_npy(folder / "test.npy",
+                                   (len(split.test) * h * w, extractor.feature_dim), np.float32,
+                                   test_rows())
+    files["labels.npy"] = _write_npy(folder / "labels.npy", (len(labels),), np.int64,
+                                     [np.asarray(labels, dtype=np.int64)])
+    if with_masks:
+        masks = np.concatenate(mask_parts)
+        files["masks.npy"] = _write_npy(folder / "masks.npy", masks.shape, bool, [masks])
+    meta = {"format": CACHE_FORMAT, "key": key, "grid": [h, w], "masks": with_masks,
+            "files": files, "train_paths": [str(s.path) for s in train]}
+    _write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
+    cache = open_cache(folder, key, settings.max_memory_mb)
+    if cache is None:
+        raise DataError(f"the features just written to {folder} do not read back; check the "
+                        "disk (free space, permissions) and run tune again")
+    return cache
+
+
+def _mask_array(masks: Any) -> np.ndarray:
+    """A batch's masks (a tensor, or a list of equally sized arrays) as one bool array."""
+    if isinstance(masks, torch.Tensor):
+        return masks.numpy().astype(bool)
+    shapes = {np.shape(m) for m in masks}
+    if len(shapes) != 1:
+        raise DataError(f"test masks come in several sizes ({', '.join(map(str, shapes))}); "
+                        "tuning needs masks of one size: resize them to one size")
+    return np.stack([np.asarray(m, dtype=bool) for m in masks])
+
+
+def cached_features(
     config: PatchCoreConfig, split: DatasetSplit, cache_root: Path,
     settings: RuntimeSettings | None = None,
 ) -> tuple[FeatureCache, bool]:
-    """Cached features of `split` for `config`; returns (cache, True when freshly extracted)."""
+    """Verified cached features of `split` for `config`; (cache, True when freshly extracted)."""
     settings = settings or RuntimeSettings(progress=False)
     train = training_samples(split, config)
-    folder = cache_root / _feature_hash(config, split, train)
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        masks = np.load(folder / "masks.npy", mmap_mode="r") if meta["masks"] else None
-        return FeatureCache(np.load(folder / "train.npy", mmap_mode="r"),
-                            np.load(folder / "test.npy", mmap_mode="r"),
-                            np.load(folder / "labels.npy"),
-                            None if masks is None else np.asarray(masks, dtype=bool),
-                            meta["train_paths"], tuple(meta["grid"])), False
-    torch.manual_seed(config.seed)
-    members = parse_members(config.backbone, config.layers)
-    if len(members) != 1:
-        raise ConfigError("tuning supports one backbone (no ensembles)")
-    member = members[0]
-    extractor = make_extractor(member, config, resolve_device(settings.device))
-    pre = preprocessor(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    with_masks = split.has_masks
-
-    def run(samples: list[Sample], masks: bool) -> tuple[np.ndarray, list, list]:
-        feats, labels, mask_parts = [], [], []
-        for batch in batches(samples, pre, settings.batch_size, masks=masks,
-                             num_workers=settings.num_workers):
-            feats.append(member_features(member, batch.images))
-            labels += batch.labels
-            if masks:
-                mask_parts.append(batch.masks.numpy())
-        return np.concatenate(feats), labels, mask_parts
-
-    train_feats, _, _ = run(train, False)
-    test_feats, labels, mask_parts = run(split.test, with_masks)
-    np.save(folder / "train.npy", train_feats)
-    np.save(folder / "test.npy", test_feats)
-    np.save(folder / "labels.npy", np.array(labels))
-    masks = np.concatenate(mask_parts) if with_masks else None
-    if masks is not None:
-        np.save(folder / "masks.npy", masks)
-    meta = {"masks": masks is not None, "train_paths": [str(s.path) for s in train],
-            "grid": list(extractor.feature_grid),
-            "config": {k: getattr(config, k) for k in FEATURE_KEYS}}
-    meta_path.write_text(json.dumps(meta, indent=2, default=str))
-    return FeatureCache(train_feats, test_feats, np.array(labels), masks,
-                        meta["train_paths"], tuple(extractor.feature_grid)), True
+    key = feature_key(config, split, train)
+    folder = cache_root / entry_id(key)
+    cache = open_cache(folder, key, settings.max_memory_mb)
+    if cache is not None:
+        return cache, False
+    return extract_features(config, split, train, folder, key, settings), True
 
 
-# -- models from cached features ----------------------------------------------------------------
+# -- evaluation from cached features ------------------------------------------------------------
 
-def model_from_features(config: PatchCoreConfig, cache: FeatureCache) -> PatchCore:
-    """A fitted PatchCore (no calibration) whose memory bank is sampled from cached features.
-
-    Mirrors `PatchCore._fit_member`: same sampler, count, seed, bank dtype and index.
-    """
-    model = PatchCore(config, progress=False)
+def fit_cached(config: PatchCoreConfig, cache: FeatureCache, settings: RuntimeSettings
+               ) -> Member:
+    """The fitted member `PatchCore.fit` would build from these training features."""
+    device = resolve_device(settings.device)
     member = parse_members(config.backbone, config.layers)[0]
-    # A writable copy: the cache may be a read-only memory map.
-    flat = np.array(cache.train, dtype=np.float32).reshape(-1, cache.train.shape[-1])
-    rows, image_index, position, _ = build_bank(flat, cache.grid, config, config.seed,
-                                                model.device)
+    rows, image_index, position, _ = build_bank(cache.train, cache.grid, config, config.seed,
+                                                device, settings.progress)
     member.bank = MemoryBank(member.backbone, member.layers, rows, image_index, position)
-    member.index = bank_index(rows, config, model.device)
-    model.members_ = [member]
-    model.train_paths_ = list(cache.train_paths)
-    model.feature_grid_ = cache.grid
-    model.fit_info_ = {"train_images": len(cache.train_paths)}
-    return model
+    member.index = bank_index(rows, config, device)
+    return member
 
 
-def score_features(
-    model: PatchCore, feats: np.ndarray, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and anomaly maps of cached test features (as `PatchCore._score_batch`)."""
-    c = model.config
-    member = model.members_[0]
-    scores, maps = [], []
-    for start in range(0, len(feats), batch_size):
-        f = np.ascontiguousarray(feats[start : start + batch_size], dtype=np.float32)
-        ps, _, img = score_member(member, f, c)
+def score_cached(
+    member: Member, cache: FeatureCache, config: PatchCoreConfig, batch_size: int = 64,
+    maps: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image scores and anomaly maps (when `maps`) of the cached test features, in batches."""
+    h, w = cache.grid
+    per = h * w
+    total = len(cache.labels)
+    scores, parts = [], []
+    for start in range(0, total, batch_size):
+        stop = min(total, start + batch_size)
+        feats = cache.test[start * per : stop * per].reshape(stop - start, h, w, -1)
+        ps, _, img = pipeline.score_features(member, feats, config)
         scores.append(img)
-        maps.append(anomaly_maps(ps, c.imagesize, c.blur_sigma))
-    return np.concatenate(scores), np.concatenate(maps)
+        if maps:
+            parts.append(anomaly_maps(ps, config.imagesize, config.blur_sigma))
+    return np.concatenate(scores), np.concatenate(parts) if maps else None
 
 
-def evaluate_point(config: PatchCoreConfig, cache: FeatureCache) -> dict[str, float]:
+def evaluate_point(config: PatchCoreConfig, cache: FeatureCache,
+                   settings: RuntimeSettings | None = None) -> dict[str, float]:
     """image_auroc, pixel_auroc and pro of one setting from cached features."""
-    model = model_from_features(config, cache)
-    scores, maps = score_features(model, cache.test)
-    result = metrics.evaluate(cache.labels, scores, cache.masks,
-                              maps if cache.masks is not None else None)
+    settings = settings or RuntimeSettings(progress=False)
+    member = fit_cached(config, cache, settings)
+    with_masks = cache.masks is not None
+    scores, maps = score_cached(member, cache, config, settings.batch_size, with_masks)
+    if maps is not None and cache.masks is not None and maps.shape != cache.masks.shape:
+        raise DataError(f"anomaly maps {maps.shape[1:]} and test masks {cache.masks.shape[1:]} "
+                        "differ in size, so pixel metrics would be wrong; tune on images "
+                        "of imagesize x imagesize pixels")
+    result = metrics.evaluate(cache.labels, scores, cache.masks, maps)
     return {k: float(result.get(k, math.nan)) for k in METRICS}
 
 
@@ -272,64 +549,131 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return best
 
 
-def load_finished(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished points from a results .jsonl, by point key."""
-    done: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[point_key(row["params"])] = row
-    return done
+def _row_id(params: Any, config: Any, features: Any) -> str:
+    """Identity of a result: the grid point, the full config and the feature cache entry."""
+    return json.dumps([params, config, features], sort_keys=True, default=str)
+
+
+def _valid_row(row: Any) -> bool:
+    return (isinstance(row, dict) and isinstance(row.get("params"), dict)
+            and all(k in row and (row[k] is None or (isinstance(row[k], (int, float))
+                                                     and not isinstance(row[k], bool)))
+                    for k in METRICS))
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished rows of a results .jsonl by result identity (the last one wins).
+
+    Damaged lines (an interrupted write) are skipped with a warning and dropped from the file,
+    which is rewritten atomically, so that their points are recomputed and later appends start
+    on a line of their own.
+    """
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    rows: dict[str, dict[str, Any]] = {}
+    kept: list[str] = []
+    bad: list[int] = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not _valid_row(row):
+            bad.append(number)
+            continue
+        rows[_row_id(row["params"], row.get("config"), row.get("features"))] = row
+        kept.append(line)
+    if bad:
+        log.warning("%s: skipped %d damaged line(s) (line %s; an interrupted run?): their points "
+                    "are recomputed", path, len(bad), ", ".join(map(str, bad[:5])))
+    if bad or not raw.endswith(b"\n"):
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+    return rows
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line and flush it to disk (a crash leaves at most this line half-written)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@dataclass
+class _Plan:
+    point: dict[str, Any]
+    config: PatchCoreConfig
+    features: str  # cache entry id
+    row_id: str
 
 
 def tune(
-    split: DatasetSplit, output: Path, grid: dict[str, list[Any]],
+    split: DatasetSplit, output: Path, grid: dict[str, Sequence[Any]],
     base: PatchCoreConfig | None = None, random_n: int | None = None,
     settings: RuntimeSettings | None = None, tracker: Any = None,
 ) -> TuneResult:
-    """Evaluate the grid on `split`, resuming from OUT/tune_results.jsonl; write tables/plots."""
+    """Evaluate the grid on `split`, resuming from OUT/tune_results.jsonl; write tables/plots.
+
+    Every point's config is built and checked before any feature extraction.
+    """
     base = base or PatchCoreConfig()
-    output.mkdir(parents=True, exist_ok=True)
+    settings = settings or RuntimeSettings(progress=False)
+    grid = check_grid(grid)
     points = grid_points(grid, random_n, base.seed)
+    configs = [point_config(base, p) for p in points]
+    if not split.test:
+        raise DataError(f"category {split.name} has no test images to tune on; add a test "
+                        "folder")
+    output.mkdir(parents=True, exist_ok=True)
     results_path = output / RESULTS_FILE
-    done = load_finished(results_path)
+    done = read_results(results_path)
+    ids: dict[str, str] = {}  # feature config -> cache entry id
+    plans: list[_Plan] = []
+    for point, config in zip(points, configs, strict=True):
+        fconf = json.dumps({k: v for k, v in config.to_dict().items() if k not in BANK_KEYS},
+                           sort_keys=True)
+        if fconf not in ids:
+            ids[fconf] = entry_id(feature_key(config, split, training_samples(split, config)))
+        fid = ids[fconf]
+        plans.append(_Plan(point, config, fid,
+                           _row_id(_canonical(point), _canonical(config.to_dict()), fid)))
     result = TuneResult(rows=[], best=None)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for point in points:
-        feat = {k: v for k, v in point.items() if k in FEATURE_KEYS}
-        groups.setdefault(point_key(feat), []).append(point)
-    rows_by_key: dict[str, dict[str, Any]] = {}
-    for members in groups.values():
-        todo = [p for p in members if point_key(p) not in done]
-        for p in members:
-            if point_key(p) in done:
-                rows_by_key[point_key(p)] = done[point_key(p)]
-                result.skipped += 1
-                log.info("tune: skipping finished point %s", point_key(p))
-        if not todo:
-            continue
-        config0 = config_for(base, todo[0])
+    rows: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[_Plan]] = {}
+    for plan in plans:
+        if plan.row_id in done:
+            rows[plan.row_id] = done[plan.row_id]
+            result.skipped += 1
+            log.info("tune: skipping finished point %s", point_key(plan.point))
+        else:
+            groups.setdefault(plan.features, []).append(plan)
+    for todo in groups.values():
         t0 = time.perf_counter()
-        cache, fresh = extract_features(config0, split, output / "cache", settings)
+        cache, fresh = cached_features(todo[0].config, split, output / "cache", settings)
         feature_s = time.perf_counter() - t0
         result.extracted += int(fresh)
-        for point in todo:
-            t1 = time.perf_counter()
-            found = evaluate_point(config_for(base, point), cache)
-            row = {"params": point, **found,
-                   "seconds": round(time.perf_counter() - t1, 3),
-                   "feature_seconds": round(feature_s if fresh else 0.0, 3)}
-            fresh = False
-            with open(results_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, default=str) + "\n")
-            rows_by_key[point_key(point)] = row
-            result.evaluated += 1
-            log.info("tune: %s -> %s", point_key(point),
-                     ", ".join(f"{k} {found[k]:.4f}" for k in METRICS))
-            if tracker is not None:
-                tracker.log_metrics({**found, "point": result.evaluated})
-    result.rows = [rows_by_key[point_key(p)] for p in points]
+        try:
+            for plan in todo:
+                t1 = time.perf_counter()
+                found = evaluate_point(plan.config, cache, settings)
+                row = {"params": plan.point, **found,
+                       "seconds": round(time.perf_counter() - t1, 3),
+                       "feature_seconds": round(feature_s if fresh else 0.0, 3),
+                       "features": plan.features, "config": plan.config.to_dict()}
+                fresh = False
+                _append_line(results_path, json.dumps(row, default=str))
+                rows[plan.row_id] = row
+                result.evaluated += 1
+                log.info("tune: %s -> %s", point_key(plan.point),
+                         ", ".join(f"{k} {found[k]:.4f}" for k in METRICS))
+                if tracker is not None:
+                    tracker.log_metrics({**found, "point": result.evaluated})
+        finally:
+            cache.close()
+    result.rows = [rows[plan.row_id] for plan in plans]
     result.best = best_row(result.rows)
     result.files = write_tune_outputs(result.rows, result.best, grid, output)
     log.info("tune: evaluated %d points, skipped %d finished, extracted features %d times",
@@ -340,7 +684,7 @@ def tune(
 # -- outputs -----------------------------------------------------------------------------------
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row["params"], **{k: v for k, v in row.items() if k != "params"}}
+    return {**row["params"], **{k: v for k, v in row.items() if k not in ("params", "config")}}
 
 
 def write_tune_outputs(
@@ -348,20 +692,19 @@ def write_tune_outputs(
     output: Path,
 ) -> dict[str, Path]:
     """tune_results.csv/json, best.json, metric-vs-parameter plots and 2-parameter heatmaps."""
-    import csv
-
     files: dict[str, Path] = {}
     flat = [_flat(r) for r in rows]
     columns = list(grid) + [*METRICS, "seconds", "feature_seconds"]
     files["csv"] = output / "tune_results.csv"
-    with open(files["csv"], "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(flat)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(flat)
+    _write_atomic(files["csv"], text.getvalue())
     files["json"] = output / "tune_results.json"
-    files["json"].write_text(json.dumps(flat, indent=2, default=str))
+    _write_atomic(files["json"], json.dumps(flat, indent=2, default=str))
     files["best"] = output / "best.json"
-    files["best"].write_text(json.dumps(best, indent=2, default=str))
+    _write_atomic(files["best"], json.dumps(best, indent=2, default=str))
     files.update(plot_tuning(flat, grid, output / "plots"))
     return files
 
