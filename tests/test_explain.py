@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
-from typer.testing import CliRunner
 
 from patchcore.cli import app
 from patchcore.data.layouts import load_dataset
@@ -108,6 +108,24 @@ def test_explain_cli(identity_model, tmp_path: Path) -> None:
     assert '"patch": [\n    1,\n    2\n  ]' in (out / f"{bad.path.stem}_explain.json").read_text()
     result = CliRunner().invoke(app, ["explain", str(model_dir), str(bad.path), "--patch", "x"])
     assert result.exit_code != 0
+
+
+def test_explain_cli_train_root(identity_model, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model, split = identity_model
+    new_root = tmp_path / "moved"
+    shutil.copytree(model.train_root_, new_root)
+    monkeypatch.setattr(model, "train_root_", str(tmp_path / "gone"))  # the dataset moved
+    model_dir = model.save(tmp_path / "model")
+    bad = next(s for s in split.test if s.label == 1)
+    args = ["-q", "explain", str(model_dir), str(bad.path), "--device", "cpu",
+            "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "--train-root" in result.output
+    result = CliRunner().invoke(app, [*args, "--train-root", str(new_root)])
+    assert result.exit_code == 0, result.output
+    info = (tmp_path / "out" / f"{bad.path.stem}_explain.json").read_text()
+    assert str(new_root) in info
 
 
 # --- the source image must be the right one, or an error --------------------------------------

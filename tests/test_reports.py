@@ -179,7 +179,7 @@ def test_group_table_auroc() -> None:
 
 
 def test_evaluate_cli_saves_reports(fitted, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from patchcore.cli import app
 
