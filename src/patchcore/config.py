@@ -24,6 +24,7 @@ SAMPLERS = ("approx_greedy_coreset", "greedy_coreset", "random", "identity")
 DISTANCES = ("euclidean", "cosine")
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 PREPROCESS_MODES = ("square", "aspect", "tile", "crop")
+AGGREGATIONS = ("native", "reference")
 
 MAX_IMAGESIZE = 4096  # pixels per side of the backbone input
 MAX_EMBED_DIMENSION = 16384
@@ -53,11 +54,17 @@ class PatchCoreConfig:
         cli="--layer", short="-le")
     weights: str | None = _f(None, "Local weights file or folder (offline use).")
     pretrained: bool = _f(True, "Pretrained weights; false = random (tests, speed only).")
+    aggregation: str = _f(
+        "native", "Patch features: native (each layer's 3x3 neighbourhood mean, layers "
+        "concatenated at their own width) or reference (the paper's pooling of every layer "
+        "to --pretrain-embed-dimension, then to --target-embed-dimension).",
+        choices=AGGREGATIONS)
     pretrain_embed_dimension: int = _f(
-        1024, "Per-layer embedding size (adaptive average pooling).", lo=1,
+        1024, "reference aggregation: per-layer embedding size.", lo=1,
         hi=MAX_EMBED_DIMENSION)
     target_embed_dimension: int = _f(
-        1024, "Memory-bank embedding size.", lo=1, hi=MAX_EMBED_DIMENSION)
+        1024, "reference aggregation: memory-bank embedding size.", lo=1,
+        hi=MAX_EMBED_DIMENSION)
     patchsize: int = _f(3, "Neighbourhood aggregated into each patch feature (odd).", lo=1,
                         hi=15)
     patchstride: int = _f(1, "Stride of the patch neighbourhood.", lo=1, hi=8)
@@ -156,7 +163,7 @@ class PatchCoreConfig:
 # Saved in config.json by format-1 models written before runtime settings were split off.
 LEGACY_RUNTIME_KEYS = ("device", "batch_size", "num_workers", "max_memory_mb", "extra")
 # Behaviour of models saved before these hyperparameters existed.
-LEGACY_VALUES: dict[str, Any] = {"preprocess": "crop"}
+LEGACY_VALUES: dict[str, Any] = {"preprocess": "crop", "aggregation": "reference"}
 
 
 @dataclass

@@ -66,6 +66,21 @@ def _find_groups(block: torch.Tensor) -> int:
     return 1
 
 
+def native_projections(channels: list[int], patchsize: int) -> list[LayerProjection]:
+    """Per-layer p x p mean of each channel, layers concatenated at their native width.
+
+    The same "locally aware" neighbourhood average as the reference, without pooling each
+    layer's flattened patch to a common size (which stretches thin layers and squeezes wide
+    ones, reweighting them): a depthwise kernel per layer.
+    """
+    out, start = [], 0
+    for c in channels:
+        weight = torch.full((c, 1, patchsize, patchsize), 1.0 / patchsize**2, dtype=torch.float64)
+        out.append(LayerProjection(weight, c, start, start + c))
+        start += c
+    return out
+
+
 def build_projections(
     channels: list[int], patchsize: int, pretrain_dim: int, target_dim: int
 ) -> list[LayerProjection]:
@@ -114,6 +129,7 @@ class FeatureExtractor(nn.Module):
         imagesize: int = 224,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
+        aggregation: str = "reference",
     ) -> None:
         super().__init__()
         self.spec = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -161,9 +177,15 @@ class FeatureExtractor(nn.Module):
             grids = self._layer_grids(torch.zeros(1, 3, imagesize, imagesize, device=self.device))
         self.channels = [g.shape[1] for g in grids]
         self.grid_sizes = [tuple(g.shape[2:]) for g in grids]
-        projections = build_projections(
-            self.channels, patchsize, pretrain_embed_dimension, target_embed_dimension
-        )
+        if aggregation == "native":
+            projections = native_projections(self.channels, patchsize)
+            self.target_dim = sum(self.channels)
+        elif aggregation == "reference":
+            projections = build_projections(
+                self.channels, patchsize, pretrain_embed_dimension, target_embed_dimension
+            )
+        else:
+            raise BackboneError(f"unknown aggregation {aggregation!r}: reference or native")
         self._proj = projections
         for i, p in enumerate(projections):
             weight = p.weight.float().to(self.device)

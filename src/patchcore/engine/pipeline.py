@@ -91,7 +91,7 @@ def make_extractor(member: Member, config: PatchCoreConfig, device: torch.device
                 pretrain_embed_dimension=c.pretrain_embed_dimension,
                 target_embed_dimension=c.target_embed_dimension, patchsize=c.patchsize,
                 patchstride=c.patchstride, imagesize=c.imagesize, device=device,
-                dtype=c.backbone_dtype,
+                dtype=c.backbone_dtype, aggregation=c.aggregation,
             )
     return member.extractor
 
