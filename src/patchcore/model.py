@@ -200,11 +200,10 @@ class PatchCore:
         batches_: list[Batch] = [p[0] for p in parts]
         counts = np.array([c for b in batches_ for c in b.view_counts])
         view_scores = np.concatenate([p[1] for p in parts])
-        # An image's score is the largest of its views' scores.
-        scores = np.maximum.reduceat(view_scores, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        scores = pipeline.image_scores_from_views(view_scores, counts)
         return Prediction(
             paths=[p for b in batches_ for p in b.paths],
-            scores=scores.astype(np.float32),
+            scores=scores,
             calibrated=normalise(scores, self.calibration_, "image"),
             labels=labels_for(scores, self.calibration_),
             maps=np.concatenate([p[2] for p in parts]),

@@ -193,16 +193,17 @@ def score_features(
     return ps, nearest, img
 
 
-def score_batch(
-    members: Sequence[Member], images: torch.Tensor, config: PatchCoreConfig
+def score_view_features(
+    members: Sequence[Member], feats: Sequence[np.ndarray], config: PatchCoreConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Image scores, maps (B x S x S), and the first member's patch scores and nearest rows."""
+    """View scores, maps (V x S x S), and the first member's patch scores and nearest rows,
+    from each member's patch features of the same V views (ensembles: z-scores averaged)."""
     ensemble = len(members) > 1
     total_patch: np.ndarray | None = None
     first: tuple[np.ndarray, np.ndarray] | None = None
-    img_total = np.zeros(images.shape[0], dtype=np.float32)
-    for member in members:
-        ps, nearest, img = score_features(member, member_features(member, images), config)
+    img_total = np.zeros(len(feats[0]), dtype=np.float32)
+    for member, f in zip(members, feats, strict=True):
+        ps, nearest, img = score_features(member, f, config)
         if ensemble:
             assert member.bank is not None
             mu, sd = member.bank.norm
@@ -218,3 +219,16 @@ def score_batch(
     assert total_patch is not None and first is not None
     maps = anomaly_maps(total_patch, config.imagesize, config.blur_sigma)
     return img_total, maps, first[0], first[1]
+
+
+def score_batch(
+    members: Sequence[Member], images: torch.Tensor, config: PatchCoreConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`score_view_features` of raw [0, 1] views (V x 3 x S x S)."""
+    return score_view_features(members, [member_features(m, images) for m in members], config)
+
+
+def image_scores_from_views(view_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Each image's score: the largest score among its views (`counts` views per image)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return np.maximum.reduceat(np.asarray(view_scores, dtype=np.float32), starts)

@@ -47,7 +47,6 @@ from ..engine.calibration import holdout_split
 from ..engine.features import resolve_device
 from ..engine.memory import FeatureStore, read_npy_header
 from ..engine.pipeline import Member, make_extractor, member_features, parse_members
-from ..engine.scoring import anomaly_maps
 from ..errors import ConfigError, DataError
 from . import metrics
 
@@ -60,7 +59,7 @@ BANK_KEYS = ("sampler", "percentage", "projection_dim", "num_starting_points",
              "blur_sigma", "index", "bank_dtype", "threshold_fpr", "threshold_percentile")
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 RESULTS_FILE = "tune_results.jsonl"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: views per image, image sizes, masks at original size
 CACHE_FILES = ("train.npy", "test.npy", "labels.npy")
 CHUNK_ROWS = 65536  # feature rows per write when streaming into the cache
 HASH_BLOCK = 1 << 20
@@ -204,9 +203,6 @@ def point_config(base: PatchCoreConfig, point: dict[str, Any]) -> PatchCoreConfi
     if len(members) != 1:
         raise ConfigError(f"grid point {point_key(point)}: tuning takes one backbone; tune "
                           "ensemble members one at a time")
-    if getattr(config, "preprocess", "crop") not in ("crop", "square"):
-        raise ConfigError(f"grid point {point_key(point)}: tuning scores one view per image; "
-                          "use preprocess=square or crop")
     return config
 
 
@@ -259,17 +255,20 @@ def entry_id(key: dict[str, Any]) -> str:
 class FeatureCache:
     """Verified cached features of one feature setting.
 
-    `train` and `test` are stores over the cache files (N*h*w x D rows, image-major): in RAM
-    within the memory budget, read slice by slice past it.
+    `train` and `test` are stores over the cache files (views*h*w x D rows, view-major): in RAM
+    within the memory budget, read slice by slice past it. Test images have `view_counts`
+    views and their own `sizes`; their masks are kept at that size.
     """
 
     folder: Path
     train: FeatureStore
     test: FeatureStore
     labels: np.ndarray  # T
-    masks: np.ndarray | None  # T x S x S bool
+    masks: list[np.ndarray] | None  # T masks, H x W bool at each image's own size
     grid: tuple[int, int]
     train_paths: list[str]
+    view_counts: list[int] = field(default_factory=list)  # views of each test image
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) of each test image
 
     def close(self) -> None:
         """Release the stores (the cache files stay)."""
@@ -334,9 +333,13 @@ def _verify_entry(folder: Path, meta: Any, key: dict[str, Any]) -> None:
     h, w = (int(n) for n in meta["grid"])
     files = meta["files"]
     names = [*CACHE_FILES, *(["masks.npy"] if meta["masks"] else [])]
-    n_train, n_test = len(key["train"]) * h * w, len(key["test"])
-    expected = {"train.npy": n_train, "test.npy": n_test * h * w, "labels.npy": n_test,
-                "masks.npy": n_test}
+    counts, sizes = meta["train_views"], meta["test_views"]
+    n_test = len(key["test"])
+    if len(counts) != len(key["train"]) or len(sizes) != n_test or len(meta["sizes"]) != n_test:
+        raise DataError("meta.json lists views or sizes for another number of images")
+    expected = {"train.npy": sum(counts) * h * w, "test.npy": sum(sizes) * h * w,
+                "labels.npy": n_test,
+                "masks.npy": sum(int(wi) * int(hi) for wi, hi in meta["sizes"])}
     for name in names:
         spec = files[name]
         shape, dtype, _ = read_npy_header(folder / name)
@@ -373,16 +376,23 @@ def open_cache(folder: Path, key: dict[str, Any], max_memory_mb: float | None = 
             0.0, max_memory_mb - (0 if train.on_disk else train.rows * train.dim * 4 / 2**20))
         stores.append(FeatureStore.open_npy(folder / "test.npy", left))
         labels = np.load(folder / "labels.npy")
-        masks = np.load(folder / "masks.npy").astype(bool) if meta["masks"] else None
+        sizes = [(int(a), int(b)) for a, b in meta["sizes"]]
+        masks = None
+        if meta["masks"]:
+            flat = np.load(folder / "masks.npy").astype(bool)
+            ends = np.cumsum([wi * hi for wi, hi in sizes])
+            masks = [part.reshape(hi, wi) for part, (wi, hi)
+                     in zip(np.split(flat, ends[:-1]), sizes, strict=True)]
         grid = (int(meta["grid"][0]), int(meta["grid"][1]))
         paths = [str(p) for p in meta["train_paths"]]
+        counts = [int(c) for c in meta["test_views"]]
     except (OSError, ValueError, KeyError, TypeError, IndexError, DataError) as exc:
         for store in stores:
             store.close()
         log.warning("tune cache %s is not usable (%s): recomputing its features", folder,
                     str(exc)[:200])
         return None
-    return FeatureCache(folder, stores[0], stores[1], labels, masks, grid, paths)
+    return FeatureCache(folder, stores[0], stores[1], labels, masks, grid, paths, counts, sizes)
 
 
 def extract_features(
@@ -402,11 +412,14 @@ def extract_features(
     pre = pipeline.preprocessor(config)
     h, w = extractor.feature_grid
     files: dict[str, dict[str, Any]] = {}
+    train_counts = pipeline.view_counts(train, pre)
     with pipeline.extract_features(member, train, pre, settings, "tune features") as store:
         files["train.npy"] = _write_npy(folder / "train.npy", store.shape, np.float32, (
             store[a : a + CHUNK_ROWS] for a in range(0, len(store), CHUNK_ROWS)))
     with_masks = split.has_masks
     labels: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    test_counts = pipeline.view_counts(split.test, pre)
     mask_parts: list[np.ndarray] = []
 
     def test_rows() -> Iterator[np.ndarray]:
@@ -416,43 +429,34 @@ def extract_features(
             total=-(-len(split.test) // settings.batch_size), desc=f"tune test [{split.name}]",
             unit="batch", disable=not settings.progress, leave=False,
         ):
-            if any(n != 1 for n in getattr(batch, "view_counts", None) or ()):
-                raise ConfigError(f"tuning scores one view per image; {split.name} gives "
-                                  "several (aspect or tile preprocessing): tune with square or "
-                                  "crop")
-            feats = member_features(member, batch.images)
+            if batch.view_counts != test_counts[len(labels) : len(labels) + len(batch.paths)]:
+                raise DataError(f"image {batch.paths[0]} or its batch changed size while being "
+                                "read; rerun when the folder is not being written to")
+            feats = member_features(member, batch.images, settings.batch_size)
             labels.extend(batch.labels)
+            sizes.extend(batch.sizes)
             if with_masks:
-                mask_parts.append(_mask_array(batch.masks))
+                mask_parts.extend(np.asarray(m, dtype=bool).ravel() for m in batch.masks)
             yield feats.reshape(-1, feats.shape[-1])
 
     files["test.npy"] = _write_npy(folder / "test.npy",
-                                   (len(split.test) * h * w, extractor.feature_dim), np.float32,
-                                   test_rows())
+                                   (sum(test_counts) * h * w, extractor.feature_dim),
+                                   np.float32, test_rows())
     files["labels.npy"] = _write_npy(folder / "labels.npy", (len(labels),), np.int64,
                                      [np.asarray(labels, dtype=np.int64)])
     if with_masks:
         masks = np.concatenate(mask_parts)
         files["masks.npy"] = _write_npy(folder / "masks.npy", masks.shape, bool, [masks])
     meta = {"format": CACHE_FORMAT, "key": key, "grid": [h, w], "masks": with_masks,
-            "files": files, "train_paths": [str(s.path) for s in train]}
+            "files": files, "train_paths": [str(s.path) for s in train],
+            "train_views": train_counts, "test_views": test_counts,
+            "sizes": [list(s) for s in sizes]}
     _write_atomic(folder / "meta.json", json.dumps(meta, indent=1))
     cache = open_cache(folder, key, settings.max_memory_mb)
     if cache is None:
         raise DataError(f"the features just written to {folder} do not read back; check the "
                         "disk (free space, permissions) and run tune again")
     return cache
-
-
-def _mask_array(masks: Any) -> np.ndarray:
-    """A batch's masks (a tensor, or a list of equally sized arrays) as one bool array."""
-    if isinstance(masks, torch.Tensor):
-        return masks.numpy().astype(bool)
-    shapes = {np.shape(m) for m in masks}
-    if len(shapes) != 1:
-        raise DataError(f"test masks come in several sizes ({', '.join(map(str, shapes))}); "
-                        "tuning needs masks of one size: resize them to one size")
-    return np.stack([np.asarray(m, dtype=bool) for m in masks])
 
 
 def cached_features(
@@ -487,20 +491,27 @@ def fit_cached(config: PatchCoreConfig, cache: FeatureCache, settings: RuntimeSe
 def score_cached(
     member: Member, cache: FeatureCache, config: PatchCoreConfig, batch_size: int = 64,
     maps: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image scores and anomaly maps (when `maps`) of the cached test features, in batches."""
+) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Image scores and whole-image anomaly maps (when `maps`) of the cached test features,
+    as `PatchCore.score` gives them: the max over each image's views, maps at its own size."""
     h, w = cache.grid
     per = h * w
-    total = len(cache.labels)
-    scores, parts = [], []
-    for start in range(0, total, batch_size):
-        stop = min(total, start + batch_size)
-        feats = cache.test[start * per : stop * per].reshape(stop - start, h, w, -1)
-        ps, _, img = pipeline.score_features(member, feats, config)
-        scores.append(img)
+    pre = pipeline.preprocessor(config)
+    counts = cache.view_counts
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    scores: list[np.ndarray] = []
+    out: list[np.ndarray] = []
+    for first in range(0, len(counts), batch_size):
+        last = min(len(counts), first + batch_size)
+        a, b = int(starts[first]), int(starts[last])
+        feats = cache.test[a * per : b * per].reshape(b - a, h, w, -1)
+        view_scores, view_maps, _, _ = pipeline.score_view_features([member], [feats], config)
+        scores.append(pipeline.image_scores_from_views(view_scores, counts[first:last]))
         if maps:
-            parts.append(anomaly_maps(ps, config.imagesize, config.blur_sigma))
-    return np.concatenate(scores), np.concatenate(parts) if maps else None
+            for i in range(first, last):
+                views = view_maps[int(starts[i]) - a : int(starts[i + 1]) - a]
+                out.append(pre.to_original(views, cache.sizes[i]))
+    return np.concatenate(scores), out if maps else None
 
 
 def evaluate_point(config: PatchCoreConfig, cache: FeatureCache,
@@ -510,10 +521,6 @@ def evaluate_point(config: PatchCoreConfig, cache: FeatureCache,
     member = fit_cached(config, cache, settings)
     with_masks = cache.masks is not None
     scores, maps = score_cached(member, cache, config, settings.batch_size, with_masks)
-    if maps is not None and cache.masks is not None and maps.shape != cache.masks.shape:
-        raise DataError(f"anomaly maps {maps.shape[1:]} and test masks {cache.masks.shape[1:]} "
-                        "differ in size, so pixel metrics would be wrong; tune on images "
-                        "of imagesize x imagesize pixels")
     result = metrics.evaluate(cache.labels, scores, cache.masks, maps)
     return {k: float(result.get(k, math.nan)) for k in METRICS}
 
