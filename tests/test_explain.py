@@ -243,3 +243,27 @@ def test_bank_index_out_of_range_is_an_error(identity_model,
     monkeypatch.setattr(bank, "image_index", np.full_like(bank.image_index, -1))
     with deadline(20), pytest.raises(DataError, match="training image -1"):
         explain()
+
+
+def test_multi_view_provenance_points_at_the_right_view(tmp_path: Path) -> None:
+    """Tile mode: a patch of any view of a training image finds itself in that very view."""
+    make_synthetic_dataset(tmp_path, categories=("carpet",), n_train=3, n_test_good=1,
+                           n_test_defect=1, size=(48, 96), seed=4)
+    model = PatchCore(backbone="resnet18", pretrained=False, imagesize=32, preprocess="tile",
+                      tile_size=48, tile_stride=24, sampler="identity", calibration_holdout=0.0,
+                      target_embed_dimension=16, pretrain_embed_dimension=16, device="cpu",
+                      progress=False)
+    model.fit(load_dataset(tmp_path / "carpet"))
+    n_views = model.preprocessor.num_views((96, 48))
+    assert n_views == 3 and len(model.members_[0].bank) == 3 * n_views * 16
+    for image_i in (0, 2):
+        path = model.training_path(image_i)
+        for view in range(n_views):
+            info = explain_patch(model, path, patch=(1, 2), view=view)
+            assert info["distance"] == pytest.approx(0.0, abs=1e-3)
+            assert (info["source_index"], info["source_view"]) == (image_i, view)
+            assert info["source_position"] == (1, 2)
+    info = explain_patch(model, path)  # default: the most anomalous patch over all views
+    assert 0 <= info["view"] < n_views
+    figure = save_explanation(model, info, tmp_path / "out" / "e.png")
+    assert figure.is_file()

@@ -1,9 +1,10 @@
 """Explanations: a test patch beside its nearest memory-bank patch, cropped from its source.
 
-Every bank row remembers the training image it came from (`MemoryBank.image_index`) and its
-(row, col) on the feature grid (`MemoryBank.position`). A grid cell covers imagesize / grid
-pixels of the preprocessed (resized, center-cropped) image; a patch embedding aggregates a
-patchsize x patchsize neighbourhood of cells, which is the box drawn and cropped here.
+Every bank row remembers the training view it came from (`MemoryBank.image_index`: a view of
+a training image, see `PatchCore.training_view`) and its (row, col) on the feature grid
+(`MemoryBank.position`). A grid cell covers imagesize / grid pixels of the view (the square
+the backbone saw); a patch embedding aggregates a patchsize x patchsize neighbourhood of
+cells, which is the box drawn and cropped here.
 
 The source image is found through the model's stored training paths (`train_root_` plus a
 relative path). When the dataset has moved, pass `train_root` (CLI: `--train-root DIR`), the
@@ -118,11 +119,13 @@ def _root_hint(model: Any) -> str:
     return f"{TRAIN_ROOT_HINT}: {where}"
 
 
-def preprocessed_rgb(model: Any, path: str | Path) -> Image.Image:
-    """The resized, center-cropped RGB image (imagesize x imagesize) the model sees."""
-    pre = model.preprocessor
-    img = load_image(path)
-    return img.resize(pre.resized_size(img.size), Image.BILINEAR).crop(pre.crop_box(img.size))
+def preprocessed_rgb(model: Any, path: str | Path, view: int = 0) -> Image.Image:
+    """View `view` of an image as the model sees it (imagesize x imagesize RGB)."""
+    views = model.preprocessor.view_images(load_image(path), name=f"image {path}")
+    if not 0 <= view < len(views):
+        raise DataError(f"image {path} has {len(views)} views, not a view {view}; it changed "
+                        "since the model was fitted")
+    return views[view]
 
 
 def patch_box(model: Any, row: int, col: int) -> tuple[int, int, int, int]:
@@ -144,38 +147,46 @@ def patch_box(model: Any, row: int, col: int) -> tuple[int, int, int, int]:
 def explain_patch(
     model: Any, image_path: str | Path, patch: tuple[int, int] | None = None,
     features: np.ndarray | None = None, *, train_root: str | Path | None = None,
+    view: int | None = None,
 ) -> dict[str, Any]:
     """The nearest memory-bank patch of one patch of an image (default: its most anomalous).
 
     Returns a dict with: patch (row, col), patch_score (mean distance to the k nearest, the
     model's patch score), nearest_row (bank row), distance (to the nearest row), distance_metric,
     source_path (absolute path of the training image of that row, checked to exist),
-    source_index, source_position (row, col on the source's feature grid), grid (h, w),
-    query_box and source_box (pixel boxes in the preprocessed crops). `train_root` relocates
-    the training images (see `training_image`); `features` are the image's patch features
-    when already computed.
+    source_index, source_view (which view of the source image), source_position (row, col
+    on that view's feature grid), view (the query's view), grid (h, w), query_box and
+    source_box (pixel boxes in the views). `train_root` relocates the training images (see
+    `training_image`); `features` are the image's view features (V x h x w x D, or h x w x D)
+    when already computed. The patch is looked for in `view` (default: the view holding the
+    image's most anomalous patch; the first view when `patch` is given).
     """
     member = model.members_[0]
-    feats = model.patch_features(image_path) if features is None else features
-    h, w, _ = feats.shape
-    scores, _ = patch_scores(member.index, feats[None], model.config.anomaly_scorer_num_nn)
-    scores = scores[0]
+    feats = model.view_features(image_path) if features is None else features
+    feats = feats[None] if feats.ndim == 3 else feats
+    n_views, h, w, _ = feats.shape
+    scores, _ = patch_scores(member.index, feats, model.config.anomaly_scorer_num_nn)
+    if view is None:
+        view = int(np.argmax(scores.reshape(n_views, -1).max(axis=1))) if patch is None else 0
+    if not 0 <= view < n_views:
+        raise DataError(f"view {view} does not exist: the image has {n_views} views")
     if patch is None:
-        r, c = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        r, c = np.unravel_index(int(np.argmax(scores[view])), (h, w))
     else:
         r, c = patch
         if not (0 <= r < h and 0 <= c < w):
             raise DataError(f"patch ({r}, {c}) is outside the {h} x {w} feature grid")
-    dist, idx = member.index.search(feats[r, c][None], 1)
+    dist, idx = member.index.search(feats[view, r, c][None], 1)
     row = int(idx[0, 0])
-    src = int(member.bank.image_index[row])
+    src, src_view = model.training_view(int(member.bank.image_index[row]))
     source = training_image(model, src, train_root)
     sr, sc = (int(v) for v in member.bank.position[row])
     return {
-        "image_path": str(image_path), "patch": (int(r), int(c)),
-        "patch_score": float(scores[r, c]), "nearest_row": row, "distance": float(dist[0, 0]),
-        "distance_metric": model.config.distance, "source_index": src,
-        "source_path": str(source), "source_position": (sr, sc), "grid": (h, w),
+        "image_path": str(image_path), "patch": (int(r), int(c)), "view": int(view),
+        "patch_score": float(scores[view, r, c]), "nearest_row": row,
+        "distance": float(dist[0, 0]), "distance_metric": model.config.distance,
+        "source_index": src, "source_view": src_view, "source_path": str(source),
+        "source_position": (sr, sc), "grid": (h, w),
         "query_box": patch_box(model, int(r), int(c)), "source_box": patch_box(model, sr, sc),
     }
 
@@ -194,10 +205,11 @@ def _panel(
 ) -> Image.Image:
     """PIL composition: query image with box | query patch | source patch | source image.
 
-    `load` gives the preprocessed crop of a path (cached across frames by the GIF).
+    `load` gives a view of a path (cached across frames by the GIF).
     """
     size = model.config.imagesize
-    query, source = load(info["image_path"]), load(info["source_path"])
+    query = load(info["image_path"], info.get("view", 0))
+    source = load(info["source_path"], info.get("source_view", 0))
     crop = 2 * size // 3
     q_crop = query.crop(info["query_box"]).resize((crop, crop), Image.NEAREST)
     s_crop = source.crop(info["source_box"]).resize((crop, crop), Image.NEAREST)
@@ -241,8 +253,8 @@ def save_explanation(
     from matplotlib.patches import Rectangle
 
     source_path = _source_path(model, info, train_root)
-    query = preprocessed_rgb(model, info["image_path"])
-    source = preprocessed_rgb(model, source_path)
+    query = preprocessed_rgb(model, info["image_path"], info.get("view", 0))
+    source = preprocessed_rgb(model, source_path, info.get("source_view", 0))
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.8))
     r, c = info["patch"]
     sr, sc = info["source_position"]
@@ -276,18 +288,18 @@ def save_explanation_gif(
 
     Every frame's source image is checked as in `explain_patch` (relocated by `train_root`).
     """
-    feats = model.patch_features(image_path)
-    h, w = feats.shape[:2]
-    cells = [(r, c) for r in range(h) for c in range(w)]
+    feats = model.view_features(image_path)
+    h, w = feats.shape[1:3]
+    cells = [(v, r, c) for v in range(len(feats)) for r in range(h) for c in range(w)]
     step = max(1, -(-len(cells) // max_frames))
 
     @lru_cache(maxsize=32)
-    def load(p: str) -> Image.Image:
-        return preprocessed_rgb(model, p)
+    def load(p: str, view: int) -> Image.Image:
+        return preprocessed_rgb(model, p, view)
 
-    frames = [_panel(model, explain_patch(model, image_path, cell, feats, train_root=train_root),
-                     load, scale=1)
-              for cell in cells[::step]]
+    frames = [_panel(model, explain_patch(model, image_path, (r, c), feats, view=v,
+                                          train_root=train_root), load, scale=1)
+              for v, r, c in cells[::step]]
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     return path

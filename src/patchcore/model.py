@@ -97,17 +97,18 @@ class PatchCore:
             faiss.omp_set_num_threads(torch.get_num_threads())
         return self.members_
 
-    def training_view(self, v: int) -> tuple[int, np.ndarray]:
-        """(training image index, box in its original pixels) of bank view `v` (provenance)."""
-        if not self.train_sizes_:  # saved before views existed: one crop per image
-            return v, self.preprocessor.boxes(Image.open(self.training_path(v)).size)[0]
+    def training_view(self, v: int) -> tuple[int, int]:
+        """(training image, view of that image) of bank provenance view `v`."""
         pre = self.preprocessor
+        if not self.train_sizes_ or pre.mode in ("crop", "square"):
+            return v, 0  # one view per image (and models saved before views existed)
         for i, size in enumerate(self.train_sizes_):
-            boxes = pre.boxes(size)
-            if v < len(boxes):
-                return i, boxes[v]
-            v -= len(boxes)
-        raise DataError(f"bank view {v} is out of range for this model's training images")
+            n = pre.num_views(size)
+            if 0 <= v < n:
+                return i, v
+            v -= n
+        raise DataError("the memory bank names a view beyond this model's training images; "
+                        "the model file is inconsistent")
 
     def training_path(self, i: int) -> Path:
         """The file of training image `i` (bank provenance), resolved against `train_root_`."""
