@@ -33,7 +33,7 @@ def tiny_model(data):
 
 
 def test_too_few_images_give_uncalibrated_labels_not_good(data, caplog):
-    train = sorted((data / "train" / "good").glob("*.png"))[:2]
+    train = sorted((data / "train" / "good").glob("*.png"))[:1]  # nothing to compare it with
     with caplog.at_level(logging.WARNING):
         model = PatchCore(**TINY).fit(train)
     assert "uncalibrated" in caplog.text

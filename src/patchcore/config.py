@@ -103,8 +103,9 @@ class PatchCoreConfig:
         "float32", "Backbone precision (bfloat16 for large models on CPU).",
         choices=BACKBONE_DTYPES)
     calibration_holdout: float = _f(
-        0.1, "Share of training images held out for thresholds when there is no validation set.",
-        lo=0.0, hi=0.9)
+        0.0, "Without a validation set: 0 = thresholds from leave-one-image-out scores (every "
+        "training image stays in the memory bank); > 0 = hold this share of the training "
+        "images out of the bank to score them.", lo=0.0, hi=0.9)
     threshold_fpr: float | None = _f(
         None, "Image threshold at this false-positive rate of normal validation scores.",
         lo=0.0, hi=1.0)

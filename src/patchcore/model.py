@@ -19,7 +19,14 @@ from .data.layouts import DatasetSplit, Sample, load_dataset
 from .data.loader import Batch, as_samples, batches
 from .engine import pipeline
 from .engine.bank import bank_index
-from .engine.calibration import Calibration, calibrate, holdout_split, labels_for, normalise
+from .engine.calibration import (
+    MIN_CALIBRATION_IMAGES,
+    Calibration,
+    calibrate,
+    holdout_split,
+    labels_for,
+    normalise,
+)
 from .engine.features import resolve_device
 from .engine.pipeline import Member
 from .errors import ConfigError, DataError, NotFittedError
@@ -129,8 +136,9 @@ class PatchCore:
         """Build the memory bank(s) from normal training images and calibrate thresholds.
 
         `train` is a DatasetSplit (its validation images are used when `val` is None), a dataset
-        category folder, or image paths. Without validation images, `calibration_holdout` of the
-        training images are held out to calibrate the thresholds.
+        category folder, or image paths. Without validation images, thresholds come from
+        leave-one-image-out scores of the training images (every image stays in the bank), or,
+        with `calibration_holdout` > 0, from that share of the images held out of the bank.
         """
         c = self.config
         if isinstance(train, (str, Path)) and Path(train).is_dir():
@@ -165,6 +173,13 @@ class PatchCore:
         if val_samples:
             self.calibrate(val_samples, threshold_fpr=c.threshold_fpr,
                            threshold_percentile=c.threshold_percentile)
+        elif len(train_samples) >= MIN_CALIBRATION_IMAGES:
+            scores, maps = pipeline.leave_one_out(self.members_, train_samples, c,
+                                                  self.settings)
+            self.calibration_ = calibrate(scores, maps, np.zeros(len(scores), dtype=int), None,
+                                          c.threshold_fpr, c.threshold_percentile, c.seed)
+            self.calibration_.image_threshold_rule += (
+                f" (leave-one-image-out scores of {len(scores)} training images)")
         else:
             log.warning("%d training image(s) and no validation set: too few to calibrate a "
                         "threshold; predictions will be labelled 'uncalibrated'",

@@ -183,27 +183,40 @@ def set_ensemble_norms(members: Sequence[Member], seed: int) -> None:
 
 
 def score_features(
-    member: Member, feats: np.ndarray, config: PatchCoreConfig
+    member: Member, feats: np.ndarray, config: PatchCoreConfig,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Patch scores (B x h x w), nearest bank rows (B x h x w) and image scores (B) of features."""
+    """Patch scores (B x h x w), nearest bank rows (B x h x w) and image scores (B) of features.
+
+    `exclude` marks bank rows to leave out (leave-one-image-out calibration).
+    """
     assert member.bank is not None and member.index is not None
-    ps, nearest = patch_scores(member.index, feats, config.anomaly_scorer_num_nn)
+    ps, nearest = patch_scores(member.index, feats, config.anomaly_scorer_num_nn, exclude)
     b = config.reweight_neighbourhood if config.reweight else 0
     img = image_scores(ps, feats, nearest, member.bank.features, member.index, b)
     return ps, nearest, img
 
 
 def score_view_features(
-    members: Sequence[Member], feats: Sequence[np.ndarray], config: PatchCoreConfig
+    members: Sequence[Member], feats: Sequence[np.ndarray], config: PatchCoreConfig,
+    exclude_views: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """View scores, maps (V x S x S), and the first member's patch scores and nearest rows,
-    from each member's patch features of the same V views (ensembles: z-scores averaged)."""
+    from each member's patch features of the same V views (ensembles: z-scores averaged).
+
+    `exclude_views` (start, stop) leaves out the bank rows taken from those training views.
+    """
     ensemble = len(members) > 1
     total_patch: np.ndarray | None = None
     first: tuple[np.ndarray, np.ndarray] | None = None
     img_total = np.zeros(len(feats[0]), dtype=np.float32)
     for member, f in zip(members, feats, strict=True):
-        ps, nearest, img = score_features(member, f, config)
+        exclude = None
+        if exclude_views is not None:
+            assert member.bank is not None
+            views = member.bank.image_index
+            exclude = (views >= exclude_views[0]) & (views < exclude_views[1])
+        ps, nearest, img = score_features(member, f, config, exclude)
         if ensemble:
             assert member.bank is not None
             mu, sd = member.bank.norm
@@ -226,6 +239,44 @@ def score_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`score_view_features` of raw [0, 1] views (V x 3 x S x S)."""
     return score_view_features(members, [member_features(m, images) for m in members], config)
+
+
+def leave_one_out(
+    members: Sequence[Member], samples: Sequence[Sample], config: PatchCoreConfig,
+    settings: RuntimeSettings, limit: int = 64,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Calibration scores of training images that stay in the bank: image scores and
+    whole-image maps of up to `limit` of them (seeded), each scored against the bank rows of
+    all other images.
+
+    A training image's own rows are its exact nearest neighbours, so its ordinary score is
+    about zero; leaving them out scores it as an unseen normal image would be, against a bank
+    that lacks its contribution to the coreset (a slightly pessimistic estimate, which keeps
+    thresholds on the safe side). Eq. 7 reweighting, when on, uses the full bank.
+    """
+    pre = preprocessor(config)
+    counts = view_counts(samples, pre)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    chosen = np.arange(len(samples))
+    if len(samples) > limit:
+        chosen = np.sort(np.random.default_rng(config.seed).choice(len(samples), limit,
+                                                                    replace=False))
+    scores: list[float] = []
+    maps: list[np.ndarray] = []
+    for batch_start in range(0, len(chosen), settings.batch_size):
+        ids = chosen[batch_start : batch_start + settings.batch_size]
+        for batch in batches([samples[i] for i in ids], pre, len(ids),
+                             num_workers=settings.num_workers):
+            offsets = np.concatenate([[0], np.cumsum(batch.view_counts)])
+            feats = [member_features(m, batch.images, settings.batch_size) for m in members]
+            for j, i in enumerate(ids):
+                a, b = int(offsets[j]), int(offsets[j + 1])
+                view_scores, view_maps, _, _ = score_view_features(
+                    members, [f[a:b] for f in feats], config,
+                    exclude_views=(int(starts[i]), int(starts[i + 1])))
+                scores.append(float(view_scores.max()))
+                maps.append(pre.to_original(view_maps, batch.sizes[j]))
+    return np.asarray(scores, dtype=np.float32), maps
 
 
 def image_scores_from_views(view_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
