@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from .images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "mvtec", "val", "folder")
+LAYOUTS = ("auto", "mvtec", "val", "folder", "test")
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
     "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
@@ -55,17 +56,27 @@ def _hidden(name: str) -> bool:
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in `folder` (sorted), optionally in all subfolders.
 
-    Only regular files count; files inside hidden folders (".ipynb_checkpoints", ".cache", ...)
-    are never listed.
+    Only regular files count; hidden files ("._x.png" from macOS) and files inside hidden
+    folders (".ipynb_checkpoints", ".cache", ...) are never listed. Symlinked folders are
+    followed, each real folder visited once (a link back up the tree is not a loop).
     """
     if not folder.is_dir():
         return []
-    pattern = "**/*" if recursive else "*"
-    return sorted(
-        p for p in folder.glob(pattern)
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(_hidden(part) for part in p.relative_to(folder).parts[:-1])
-    )
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if not _hidden(p.name)
+                      and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # reached again through a link: already listed
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        found += [Path(top) / f for f in files if not _hidden(f)
+                  and Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(top) / f).is_file()]
+    return sorted(found)
 
 
 def _category_name(root: Path) -> str:
@@ -140,11 +151,25 @@ def load_folder(root: Path, normal: str = "good") -> DatasetSplit:
     )
 
 
+def load_test_only(root: Path, normal: str = "good") -> DatasetSplit:
+    """Test images only (for evaluating a fitted model): ROOT/test/<group>/... at any depth, or
+    ROOT/<group>/... when there is no test/ folder; `normal` names the normal group."""
+    folder = root / "test" if (root / "test").is_dir() else root
+    test = _labelled_groups(folder, normal, None, recursive=True)
+    if not test:
+        raise DataError(f"{folder} has no images in group folders ({', '.join(IMAGE_SUFFIXES)});"
+                        " expected test/<group>/... with one group named after --normal")
+    return DatasetSplit(_category_name(root), root, "test", [], test)
+
+
 def detect_layout(root: Path) -> str:
     """Guess the layout of a category folder; DataError when it is ambiguous or unknown."""
     if not (root / "train").is_dir():
+        if (root / "test").is_dir():
+            return "test"
         raise DataError(f"{root} has no train/ folder; expected a category folder of an "
-                        "MVTec-style dataset (train/good, test/...)")
+                        "MVTec-style dataset (train/good, test/...), or test/<group>/... to "
+                        "evaluate a fitted model on")
     if (root / "val").is_dir():
         return "val"
     if (root / "ground_truth").is_dir():
@@ -182,7 +207,8 @@ def load_dataset(
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     chosen = detect_layout(root) if layout == "auto" else layout
-    loader = {"mvtec": load_mvtec, "val": load_val_layout, "folder": load_folder}[chosen]
+    loader = {"mvtec": load_mvtec, "val": load_val_layout, "folder": load_folder,
+              "test": load_test_only}[chosen]
     split = loader(root, normal)
     if train_val_split < 1.0:
         if not 0.0 < train_val_split < 1.0:

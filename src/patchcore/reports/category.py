@@ -76,7 +76,7 @@ def write_category_report(
             img_tag(embed_file(p), name) for name, p in out.items() if p.suffix == ".png")
          + "</div>"),
     ]
-    if split.layout == "folder" and len(set(pred.groups)) >= 3:
+    if split.layout in ("folder", "test") and len(set(pred.groups)) >= 3:
         from .ood import ood_report
 
         _, section = ood_report(pred, folder, normal, thr)
