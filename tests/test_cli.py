@@ -18,7 +18,7 @@ from patchcore.config import PatchCoreConfig, RuntimeSettings
 from patchcore.data.synthetic import make_synthetic_dataset
 
 runner = CliRunner()
-TINY = ["--no-pretrained", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
+TINY = ["--random-weights", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
         "--target-embed-dimension", "16", "--pretrain-embed-dimension", "16", "--device", "cpu"]
 
 
@@ -136,7 +136,7 @@ def test_ensemble_options_reach_the_config(data, monkeypatch, tmp_path):
     monkeypatch.setattr("patchcore.model.PatchCore.fit", fake_fit)
     r = runner.invoke(app, ["-q", "fit", str(data / "carpet"), "-o", str(tmp_path / "o"),
                             "-b", "resnet18", "-b", "resnet50", "-le", "0.layer2",
-                            "-le", "1.layer3", "-p", "0.25", "--reweight", "--no-pretrained"])
+                            "-le", "1.layer3", "-p", "0.25", "--reweight", "--random-weights"])
     assert r.exit_code == 130
     config = seen["config"]
     assert config.backbone == ("resnet18", "resnet50")

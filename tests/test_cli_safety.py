@@ -22,7 +22,7 @@ from patchcore.reports import predictions
 from patchcore.reports.predictions import OutputError, folder_lock, output_names
 
 runner = CliRunner()
-TINY = ["--no-pretrained", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
+TINY = ["--random-weights", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
         "--target-embed-dimension", "16", "--pretrain-embed-dimension", "16", "--device", "cpu"]
 
 

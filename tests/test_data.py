@@ -8,7 +8,8 @@ from PIL import Image
 
 from patchcore import DataError, PatchCore
 from patchcore.data import detect_layout, load_dataset, load_image
-from patchcore.data.images import Preprocessor, load_mask
+from patchcore.data.images import load_mask
+from patchcore.data.preprocess import Preprocessor
 from patchcore.data.synthetic import make_synthetic_dataset
 
 

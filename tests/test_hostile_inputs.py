@@ -19,9 +19,10 @@ from PIL import Image
 
 from patchcore.data import as_samples, category_folders, load_dataset, to_pil_image
 from patchcore.data import images as images_mod
-from patchcore.data.images import MAX_IMAGE_PIXELS, Preprocessor, load_image, load_mask
+from patchcore.data.images import MAX_IMAGE_PIXELS, load_image, load_mask
 from patchcore.data.layouts import Sample, list_images
 from patchcore.data.loader import batches
+from patchcore.data.preprocess import Preprocessor
 from patchcore.errors import ConfigError, DataError
 
 FEW = settings(max_examples=60, deadline=None, derandomize=True, database=None,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore.data.images import Preprocessor
+from patchcore.data.preprocess import Preprocessor
 
 RESIZE, CROP = 100, 80
 

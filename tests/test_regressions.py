@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from patchcore import PatchCore
-from patchcore.data.images import Preprocessor
+from patchcore.data.preprocess import Preprocessor
 
 SIZE = 32
 N_TRAIN, N_CAL, N_TEST = 8, 6, 4

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from patchcore.cli import app
 from patchcore.config import PatchCoreConfig, RuntimeSettings

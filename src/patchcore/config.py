@@ -53,7 +53,8 @@ class PatchCoreConfig:
         None, "Layers to take features from (default: the backbone's). Ensembles: 0.layer2.",
         cli="--layer", short="-le")
     weights: str | None = _f(None, "Local weights file or folder (offline use).")
-    pretrained: bool = _f(True, "Pretrained weights; false = random (tests, speed only).")
+    pretrained: bool = _f(True, "Pretrained weights; random weights are for tests and speed "
+                          "measurements only.", cli="--pretrained/--random-weights")
     aggregation: str = _f(
         "native", "Patch features: native (each layer's 3x3 neighbourhood mean, layers "
         "concatenated at their own width) or reference (the paper's pooling of every layer "

@@ -14,9 +14,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import PatchCoreConfig, RuntimeSettings, split_overrides
-from .data.images import Preprocessor, to_pil_image
+from .data.images import to_pil_image
 from .data.layouts import DatasetSplit, Sample, load_dataset
 from .data.loader import Batch, as_samples, batches
+from .data.preprocess import Preprocessor
 from .engine import pipeline
 from .engine.bank import bank_index
 from .engine.calibration import (

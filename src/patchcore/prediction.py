@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import Preprocessor
+from .data.preprocess import Preprocessor
 from .engine.calibration import Calibration, normalise
 
 LABEL_NAMES = {1: "anomalous", 0: "good", -1: "uncalibrated"}

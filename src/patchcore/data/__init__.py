@@ -1,6 +1,6 @@
 """Data: layouts on disk, image decoding and preprocessing, generated demo datasets."""
 
-from .images import Preprocessor, load_image, load_mask, to_pil_image
+from .images import load_image, load_mask, to_pil_image
 from .layouts import (
     MVTEC_CATEGORIES,
     DatasetSplit,
@@ -11,6 +11,7 @@ from .layouts import (
     load_dataset,
 )
 from .loader import as_samples
+from .preprocess import Preprocessor
 
 __all__ = [
     "MVTEC_CATEGORIES", "DatasetSplit", "Preprocessor", "Sample", "as_samples",

@@ -375,5 +375,3 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise DataError(f"image {path} is not a readable image") from None
     return (h, w) if turned else (w, h)
 
-
-from .preprocess import Preprocessor  # noqa: E402, F401  (re-export: it lives in preprocess.py)

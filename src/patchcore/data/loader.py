@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import ConfigError, DataError, PatchCoreError
-from .images import Preprocessor, check_regular_file, load_image, load_mask
+from .images import check_regular_file, load_image, load_mask
 from .layouts import Sample
+from .preprocess import Preprocessor
 
 
 @dataclass

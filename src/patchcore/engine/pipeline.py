@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from ..backbones import get_backbone
 from ..config import PatchCoreConfig, RuntimeSettings
-from ..data.images import Preprocessor, image_size
+from ..data.images import image_size
 from ..data.layouts import Sample
 from ..data.loader import batches
+from ..data.preprocess import Preprocessor
 from ..errors import ConfigError, DataError
 from .bank import MemoryBank, bank_index, build_bank
 from .calibration import member_norm
