@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/patchcore demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

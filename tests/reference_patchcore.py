@@ -1,4 +1,6 @@
-"""A literal, slow re-statement of the reference patch-embedding pipeline, for equivalence tests.
+"""Literal, slow re-statements of reference algorithms, for equivalence tests.
+
+The patch-embedding pipeline:
 
 Unfold each layer into p x p patches, bilinearly resize deeper layers' patch grids to the first
 layer's grid, adaptive-average-pool each flattened patch to the pretrain dimension, then pool the
@@ -7,6 +9,7 @@ concatenated layers to the target dimension (as described in the PatchCore paper
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +43,26 @@ def reference_embeddings(
     stacked = torch.stack(per_layer, dim=1)  # N x L x D
     n = stacked.shape[0]
     return F.adaptive_avg_pool1d(stacked.reshape(n, 1, -1), target_dim).reshape(n, -1)
+
+
+def greedy_k_center_dense(
+    x: torch.Tensor, n: int, min_sq: torch.Tensor | None = None, seed: int = 0
+) -> np.ndarray:
+    """The plain greedy k-center loop, one full pass per pick (reference for the batched one)."""
+    total = len(x)
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    sq = (x * x).sum(1)
+    if min_sq is None:
+        min_sq = torch.full((total,), torch.finfo(torch.float32).max, device=x.device)
+        first = int(np.random.default_rng(seed).integers(total))
+        min_sq[first] = float("inf")
+    cur = min_sq.clone().float()
+    chosen = torch.empty(n, dtype=torch.long, device=x.device)
+    for step in range(n):
+        p = torch.argmax(cur)
+        chosen[step] = p
+        d2 = (sq + sq[p] - 2.0 * (x @ x[p])).clamp_min(0)
+        cur = torch.minimum(cur, d2)
+        cur[p] = 0.0
+    return np.sort(chosen.cpu().numpy())

@@ -8,15 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from patchcore import ConfigError, DataError, ModelFileError, PatchCore, PatchCoreConfig
 from patchcore.config import RuntimeSettings
 from patchcore.data.synthetic import make_synthetic_dataset
 from patchcore.storage import CONFIG_FILE
-
-TINY = dict(backbone="resnet18", pretrained=False, imagesize=32, resize=32,
-            target_embed_dimension=16, pretrain_embed_dimension=16, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import FAST
 from PIL import Image
 
 from patchcore.cli import app
@@ -27,9 +28,6 @@ from patchcore.explain import (
     training_image,
 )
 from patchcore.model import PatchCore
-
-FAST = dict(backbone="efficientnet_lite0", resize=146, imagesize=128, batch_size=8,
-            device="cpu")
 
 
 @pytest.fixture(scope="module")

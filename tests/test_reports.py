@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST
 from openpyxl import load_workbook
 
 from patchcore import metrics
@@ -24,9 +25,6 @@ from patchcore.reports import (
 from patchcore.reports.ood import group_table, ood_report
 from patchcore.reports.plots import confusion_plot, density_plot, pr_plot, roc_plot, strip_plot
 from patchcore.reports.spreadsheet import misclassified
-
-FAST = dict(backbone="efficientnet_lite0", resize=146, imagesize=128, batch_size=8,
-            device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference_patchcore import greedy_k_center_dense
 
 from patchcore.engine.sampling import (
     ApproximateGreedyCoresetSampler,
@@ -13,7 +14,6 @@ from patchcore.engine.sampling import (
     coverage_radius,
     get_sampler,
     greedy_k_center,
-    greedy_k_center_dense,
 )
 
 

@@ -128,11 +128,6 @@ def _iterate(loader: DataLoader) -> Iterator[Batch]:
         yield batch
 
 
-def samples_from_paths(paths: Sequence[str | Path]) -> list[Sample]:
-    """Unlabelled samples for plain files (label -1: unknown); nothing is checked."""
-    return [Sample(Path(p), -1, Path(p).parent.name) for p in paths]
-
-
 def as_samples(
     items: str | os.PathLike | Sample | Iterable[str | os.PathLike | Sample],
 ) -> list[Sample]:

@@ -123,29 +123,6 @@ def greedy_k_center(
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
-def greedy_k_center_dense(
-    x: torch.Tensor, n: int, min_sq: torch.Tensor | None = None, seed: int = 0
-) -> np.ndarray:
-    """The plain greedy loop, one full pass per pick (the reference for tests and benchmarks)."""
-    total = len(x)
-    if n >= total:
-        return np.arange(total, dtype=np.int64)
-    sq = (x * x).sum(1)
-    if min_sq is None:
-        min_sq = torch.full((total,), torch.finfo(torch.float32).max, device=x.device)
-        first = int(np.random.default_rng(seed).integers(total))
-        min_sq[first] = float("inf")
-    cur = min_sq.clone().float()
-    chosen = torch.empty(n, dtype=torch.long, device=x.device)
-    for step in range(n):
-        p = torch.argmax(cur)
-        chosen[step] = p
-        d2 = (sq + sq[p] - 2.0 * (x @ x[p])).clamp_min(0)
-        cur = torch.minimum(cur, d2)
-        cur[p] = 0.0
-    return np.sort(chosen.cpu().numpy())
-
-
 class GreedyCoresetSampler:
     """Exact greedy coreset (Gonzalez k-center) on the full-dimensional features."""
 
