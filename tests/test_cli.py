@@ -161,6 +161,10 @@ def test_backbones_command_lists_weights():
     assert r.exit_code == 0
     line = next(x for x in r.output.splitlines() if x.startswith("efficientnet_lite2"))
     assert "weights here: yes" in line
+    lines = r.output.splitlines()  # columns aligned, however long a name or source is
+    assert len({x.index(" weights here: ") for x in lines}) == 1
+    name_w = max(len(x.split()[0]) for x in lines)
+    assert all(x[name_w:name_w + 2] == "  " and x[name_w + 2] != " " for x in lines)
 
 
 def test_the_installed_entry_point_gives_one_line_errors(tmp_path):

@@ -1,0 +1,12 @@
+"""The `patchcore` command line: a thin shell over the library.
+
+shell.py runs one invocation and turns its failures into one line (`app`, `main`); options.py
+generates the options from the config dataclasses and holds the shared option groups;
+commands.py holds the commands, each a thin call into the library (importing it registers them
+on `app`).
+"""
+
+from . import commands  # noqa: F401  (registers the commands on `app`)
+from .shell import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,5 @@
+"""`python -m patchcore.cli`: the `patchcore` command."""
+
+from . import main
+
+main()
