@@ -41,7 +41,7 @@ SAMPLING = "src/patchcore/engine/sampling.py"
 SCORING = "src/patchcore/engine/scoring.py"
 INDEX = "src/patchcore/engine/index.py"
 FEATURES = "src/patchcore/engine/features.py"
-IMAGES = "src/patchcore/data/images.py"
+PREPROCESS = "src/patchcore/data/preprocess.py"
 METRICS = "src/patchcore/evaluation/metrics.py"
 # Calibration and the ensemble / bank code moved out of model.py during the refactor: candidates
 # are tried in order.
@@ -55,6 +55,7 @@ T_FEATURES = ["tests/test_features.py"]
 T_GEOMETRY = ["tests/test_net_geometry.py"]
 T_METRICS = ["tests/test_net_metrics.py"]
 T_MODEL = ["tests/test_regressions.py"]
+T_VIEWS = ["tests/test_preprocess.py", "tests/test_calibration.py"]
 
 # name: short id; file: path or candidate paths; find: exact original text (must occur once);
 # replace: the bug; tests: test files that must catch it; why: what the bug means.
@@ -69,8 +70,8 @@ MUTANTS: list[dict[str, Any]] = [
          replace="part += sq[: len(part)]",
          tests=T_SAMPLING, why="chunked update adds the first chunk's norms to every chunk"),
     dict(name="patch-score-kth-not-mean", file=SCORING,
-         find="dist.mean(axis=1).reshape(b, h, w)",
-         replace="dist[:, -1].reshape(b, h, w)",
+         find="dist, idx = index.search(queries, k)\n        return dist.mean(axis=1)",
+         replace="dist, idx = index.search(queries, k)\n        return dist[:, -1]",
          tests=T_SCORING, why="patch score = k-th distance instead of the mean of k nearest"),
     dict(name="map-upsample-align-corners", file=SCORING,
          find='size=(imagesize, imagesize), mode="bilinear", align_corners=False)',
@@ -80,7 +81,7 @@ MUTANTS: list[dict[str, Any]] = [
          find='y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)',
          replace='y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=True)',
          tests=T_FEATURES, why="deeper layers resized with align_corners=True"),
-    dict(name="to-original-ignores-crop", file=IMAGES,
+    dict(name="to-original-ignores-crop", file=PREPROCESS,
          find='t = F.pad(t, (left, rw - right, top, rh - bottom), mode="replicate")',
          replace="t = t  # the crop is stretched over the whole image",
          tests=T_GEOMETRY, why="map back-projection ignores the centre crop"),
@@ -118,8 +119,8 @@ MUTANTS: list[dict[str, Any]] = [
          replace="np.exp(s_star[:, None] - dists)",
          tests=T_SCORING, why="Eq. 7 reweighting with the exponent's sign flipped"),
     dict(name="nearest-row-kth", file=SCORING,
-         find="idx[:, 0].reshape(b, h, w)",
-         replace="idx[:, -1].reshape(b, h, w)",
+         find="idx[:, 0].reshape(b, h, w)\n    n_out",
+         replace="idx[:, -1].reshape(b, h, w)\n    n_out",
          tests=T_SCORING, why="nearest bank row = k-th neighbour when k > 1"),
     dict(name="provenance-row-col-swapped", file=BANK,
          find="np.stack([(idx % per_image) // w, idx % w], axis=1)",
@@ -137,10 +138,27 @@ MUTANTS: list[dict[str, Any]] = [
          find="allowed = math.floor(fpr * s.size + 1e-9)",
          replace="allowed = math.floor(fpr * s.size)",
          tests=T_METRICS, why="0.29 * 100 = 28.999... allows 28 false positives"),
-    dict(name="to-original-align-corners", file=IMAGES,
-         find='size=(size[1], size[0]), mode="bilinear", align_corners=False)',
-         replace='size=(size[1], size[0]), mode="bilinear", align_corners=True)',
+    dict(name="to-original-align-corners", file=PREPROCESS,
+         find='t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)\n',
+         replace='t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=True)\n',
          tests=T_GEOMETRY, why="map back-projection resized with align_corners=True"),
+    # -- whole-image views and leave-one-image-out calibration ------------------------------
+    dict(name="loo-keeps-own-rows", file=SCORING,
+         find="dist = np.where(exclude[idx], np.inf, dist)",
+         replace="dist = dist",
+         tests=T_VIEWS, why="leave-one-out scores still see the image's own bank rows"),
+    dict(name="views-mean-not-max", file=PIPELINE,
+         find="return np.maximum.reduceat(",
+         replace="return np.add.reduceat(",
+         tests=T_VIEWS, why="an image's score sums its views' scores instead of the max"),
+    dict(name="stitch-no-average", file=PREPROCESS,
+         find="return (total / np.maximum(count, 1)).astype(np.float32)",
+         replace="return total.astype(np.float32)",
+         tests=T_VIEWS, why="overlapping views are summed, not averaged, in whole-image maps"),
+    dict(name="aspect-no-overlap", file=PREPROCESS,
+         find="step = stride if stride is not None else window * (1.0 - MIN_OVERLAP)",
+         replace="step = stride if stride is not None else window",
+         tests=T_VIEWS, why="aspect views tile the image edge to edge without overlap"),
 ]
 
 

@@ -111,3 +111,20 @@ def test_crop_mode_cannot_see_the_border_defect(tmp_path):
     model.fit(train)
     pred = model.predict([good, bad])
     assert pred.scores[1] < 1.2 * pred.scores[0]
+
+
+def test_an_image_scores_as_its_most_anomalous_view(tmp_path):
+    """Tile mode: the image score is the max over its views, each scored against the bank."""
+    train, good, bad = _edge_defect_images(tmp_path, n_train=3)
+    model = PatchCore(backbone="resnet18", pretrained=False, imagesize=32, preprocess="tile",
+                      tile_size=64, tile_stride=48, target_embed_dimension=16,
+                      pretrain_embed_dimension=16, aggregation="reference", device="cpu",
+                      progress=False, calibration_holdout=0.0).fit(train)
+    bank = model.members_[0].bank.features.astype(np.float64)
+    pred = model.predict([good, bad])
+    for i, image in enumerate((good, bad)):
+        feats = model.view_features(image).astype(np.float64)  # V x h x w x D
+        assert len(feats) == model.preprocessor.num_views((160, 64)) > 1
+        d = np.linalg.norm(feats.reshape(len(feats), -1, 1, 16) - bank[None, None], axis=3)
+        view_scores = d.min(axis=2).max(axis=1)
+        assert pred.scores[i] == pytest.approx(view_scores.max(), rel=1e-4)
