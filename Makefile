@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Plants plausible one-line bugs in a copy of src/ and checks that the tests catch each.
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation_check.py
 
 clean:
 	rm -rf $(VENV) patchcore_demo results predictions

@@ -154,7 +154,8 @@ class PatchCore:
         if not val_samples:
             train_samples, val_samples = holdout_split(train_samples, c.calibration_holdout,
                                                        c.seed)
-            log.info("holding out %d training images for calibration", len(val_samples))
+            if val_samples:
+                log.info("holding out %d training images for calibration", len(val_samples))
         torch.manual_seed(c.seed)
         self.members_ = pipeline.parse_members(c.backbone, c.layers)
         self.train_root_, self.train_paths_ = _relative_paths(train_samples)
