@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_CLI as TINY
 from PIL import Image
 
 from patchcore.cli import app
@@ -18,8 +19,6 @@ from patchcore.config import PatchCoreConfig, RuntimeSettings
 from patchcore.data.synthetic import make_synthetic_dataset
 
 runner = CliRunner()
-TINY = ["--random-weights", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
-        "--target-embed-dimension", "16", "--pretrain-embed-dimension", "16", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

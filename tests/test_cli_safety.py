@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_CLI as TINY
 from PIL import Image
 
 from patchcore import PatchCore
@@ -22,8 +23,6 @@ from patchcore.reports import predictions
 from patchcore.reports.predictions import OutputError, folder_lock, output_names
 
 runner = CliRunner()
-TINY = ["--random-weights", "-b", "resnet18", "--imagesize", "32", "--resize", "32",
-        "--target-embed-dimension", "16", "--pretrain-embed-dimension", "16", "--device", "cpu"]
 
 
 def one_line(result, code: int = 2, *fragments: str) -> str:
@@ -113,23 +112,14 @@ def test_broken_model_folder_is_one_line(tmp_path):
 
 
 def test_output_folder_that_is_a_file_or_read_only(data, model, images, tmp_path):
+    """A file as output folder; a read-only one is covered by the faked probe test below
+    (chmod does not stop root, which runs CI)."""
     afile = tmp_path / "file.txt"
     afile.write_text("x")
     for out in (afile, afile / "sub"):
         one_line(runner.invoke(app, ["fit", str(data), "-o", str(out), *TINY]), 2, str(out))
         one_line(predict(model, out, images / "a.png"), 2, str(out))
     assert afile.read_text() == "x"
-    locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as root: a read-only folder is still writable")
-        one_line(predict(model, locked, images / "a.png"), 2, "cannot write", str(locked))
-        one_line(runner.invoke(app, ["fit", str(data), "-o", str(locked / "r"), *TINY]), 2,
-                 str(locked))
-    finally:
-        locked.chmod(0o700)
 
 
 def test_unwritable_output_folder_is_refused_before_work(data, model, images, tmp_path,
