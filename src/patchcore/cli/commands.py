@@ -242,3 +242,38 @@ def demo(output: Path, n_train: int, config: PatchCoreConfig, settings: RuntimeS
 def version() -> None:
     """Print the package version."""
     click.echo(__version__)
+
+
+@app.command()
+@click.argument("source", metavar="MODEL_OR_RESULTS", type=PATH)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="PATCHCORE_API_KEY", help="Key clients must send "
+              "(X-API-Key or Authorization: Bearer); default: $PATCHCORE_API_KEY.")
+@click.option("--db", type=PATH, help="Review database (SQLite; default: beside the models).")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Images scored together at most (1: no micro-batching).")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10_000), default=5.0,
+              show_default=True, help="How long a micro-batch waits for more images.")
+@click.option("--queue-size", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Images admitted at once; beyond it requests get 503 + Retry-After.")
+@click.option("--max-request-bytes", type=click.IntRange(1), default=32 * 2**20,
+              show_default=True, help="Largest request body (413 beyond).")
+@click.option("--max-images", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Images per request at most (413 beyond).")
+@runtime_options
+def serve(source: Path, host: str, port: int, api_key: str | None, db: Path | None,
+          max_batch: int, batch_wait_ms: float, queue_size: int, max_request_bytes: int,
+          max_images: int, settings: RuntimeSettings) -> None:
+    """Serve the model(s) of MODEL_OR_RESULTS over HTTP, with the review page at /."""
+    try:
+        from ..serve import ServeOptions, default_db
+        from ..serve import serve as run_service
+    except ImportError as exc:
+        raise ConfigError(f"patchcore serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'patchcore[serve]'") from None
+    run_service(source, host, port, ServeOptions(
+        max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
+        max_request_bytes=max_request_bytes, max_images=max_images, api_key=api_key or None,
+        db=db or default_db(source)), settings)
