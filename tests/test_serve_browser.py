@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 from conftest import SHARED, TINY  # noqa: E402
 
 from patchcore import PatchCore  # noqa: E402
+from patchcore.data.images import IMAGE_SUFFIXES  # noqa: E402
 from patchcore.data.synthetic import make_synthetic_dataset  # noqa: E402
 from patchcore.serve import BackgroundServer, ServeOptions, Service, create_app  # noqa: E402
 
@@ -49,8 +50,9 @@ def browser_or_skip() -> tuple[str, str]:
 
 def real_image(tmp_path: Path) -> Path:
     """An image from ../shared/data (magnetic_tile), or a generated one when it is absent."""
-    found = sorted((SHARED / "magnetic_tile" / "test").glob("*/*.png"))[:1] if SHARED.is_dir() \
-        else []
+    folder = SHARED / "magnetic_tile" / "test"
+    found = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if folder.is_dir() else []
     if found:
         return found[0]
     make_synthetic_dataset(tmp_path / "img", categories=("tile",), n_train=1, n_test_good=0,
