@@ -111,3 +111,16 @@ def test_no_private_names_used_outside_their_module():
 def test_shell_modules_stay_small(name, limit):
     lines = (PACKAGE / name).read_text(encoding="utf-8").count("\n")
     assert lines < limit, f"{name} has {lines} lines"
+
+
+def test_importing_patchcore_first_makes_openmp_threads_wait_passively():
+    """torch's and faiss's OpenMP pools must not spin against each other (5x slower predict)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", "import os, patchcore; "
+                          "print(os.environ['OMP_WAIT_POLICY'])"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "PASSIVE", out.stderr[-500:]
