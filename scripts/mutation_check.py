@@ -144,8 +144,8 @@ MUTANTS: list[dict[str, Any]] = [
          tests=T_GEOMETRY, why="map back-projection resized with align_corners=True"),
     # -- whole-image views and leave-one-image-out calibration ------------------------------
     dict(name="loo-keeps-own-rows", file=SCORING,
-         find="dist = np.where(exclude[idx], np.inf, dist)",
-         replace="dist = dist",
+         find="int(np.searchsorted(views, exclude_views[1])))",
+         replace="int(np.searchsorted(views, exclude_views[0])))",
          tests=T_VIEWS, why="leave-one-out scores still see the image's own bank rows"),
     dict(name="views-mean-not-max", file=PIPELINE,
          find="return np.maximum.reduceat(",

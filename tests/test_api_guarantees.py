@@ -170,3 +170,9 @@ def test_registries_and_config_choices_agree():
 
     assert set(config.SAMPLERS) == set(SAMPLERS)
     assert "auto" in LAYOUTS
+
+
+def test_a_large_holdout_still_leaves_images_for_the_bank(data):
+    model = PatchCore(**{**TINY, "calibration_holdout": 0.9}).fit(data)
+    assert len(model.train_paths_) == 2 and model.calibration_.source_images == 4
+    assert len(model.members_[0].bank) > 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore import PatchCore
+from patchcore import ConfigError, PatchCore
 from patchcore.data.loader import as_samples
 from patchcore.data.synthetic import make_texture
 from patchcore.engine import pipeline
@@ -14,20 +14,23 @@ from patchcore.engine.index import NearestNeighbourIndex
 from patchcore.engine.scoring import patch_scores
 
 
-def test_excluded_rows_give_the_exact_k_nearest_of_the_rest():
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_excluded_rows_give_the_exact_k_nearest_of_the_rest(kind):
     rng = np.random.default_rng(0)
-    bank = rng.normal(size=(300, 8)).astype(np.float32)
+    bank = rng.normal(size=(5000, 8)).astype(np.float32)
     queries = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)
-    exclude = np.zeros(300, dtype=bool)
-    exclude[rng.choice(300, 120, replace=False)] = True
-    index = NearestNeighbourIndex().add(bank)
-    ps, nearest = patch_scores(index, queries, 3, exclude)
-    kept = np.flatnonzero(~exclude)
-    d = np.linalg.norm(queries.reshape(-1, 1, 8) - bank[kept][None], axis=2)
-    ref = np.sort(d, axis=1)[:, :3].mean(axis=1).reshape(2, 3, 4)
-    np.testing.assert_allclose(ps, ref, rtol=1e-5)
-    assert not exclude[nearest].any()
-    np.testing.assert_array_equal(nearest.ravel(), kept[d.argmin(axis=1)])
+    lo, hi = 1200, 3100
+    index = NearestNeighbourIndex(kind=kind).add(bank)
+    ps, nearest = patch_scores(index, queries, 3, (lo, hi))
+    kept = np.r_[0:lo, hi:5000]
+    assert ((nearest < lo) | (nearest >= hi)).all()
+    if kind == "flat":  # exact; the approximate indexes only have to respect the exclusion
+        d = np.linalg.norm(queries.reshape(-1, 1, 8) - bank[kept][None], axis=2)
+        ref = np.sort(d, axis=1)[:, :3].mean(axis=1).reshape(2, 3, 4)
+        np.testing.assert_allclose(ps, ref, rtol=1e-5)
+        np.testing.assert_array_equal(nearest.ravel(), kept[d.argmin(axis=1)])
+    with pytest.raises(ConfigError, match="remain outside"):
+        patch_scores(index, queries, 10, (3, 4998))
 
 
 @pytest.mark.parametrize("preprocess", ["square", "tile"])

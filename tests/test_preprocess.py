@@ -128,3 +128,20 @@ def test_an_image_scores_as_its_most_anomalous_view(tmp_path):
         d = np.linalg.norm(feats.reshape(len(feats), -1, 1, 16) - bank[None, None], axis=3)
         view_scores = d.min(axis=2).max(axis=1)
         assert pred.scores[i] == pytest.approx(view_scores.max(), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["aspect", "tile"])
+def test_view_count_without_building_boxes_matches_the_boxes(mode):
+    pre = Preprocessor(S, S, mode=mode, tile_size=40, tile_stride=25)
+    for size in [(33, 97), (300, 120), (40, 40), (1000, 64), (64, 1200), (17, 17)]:
+        assert pre.num_views(size) == len(pre.boxes(size)), size
+
+
+def test_too_many_views_and_gapped_tiles_are_refused():
+    from patchcore import ConfigError, DataError, PatchCoreConfig
+
+    pre = Preprocessor(S, S, mode="tile", tile_size=32, tile_stride=1)
+    with pytest.raises(DataError, match="MAX_VIEWS"):
+        pre.check_size((2000, 2000), "big.png")
+    with pytest.raises(ConfigError, match="tile_stride"):
+        PatchCoreConfig(preprocess="tile", tile_size=48, tile_stride=100)

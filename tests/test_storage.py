@@ -122,3 +122,21 @@ def test_model_saved_by_format_1_scores_exactly_as_before():
     np.testing.assert_array_equal(pred.labels, expected["labels"])
     np.testing.assert_allclose(pred.calibrated, expected["calibrated"], rtol=1e-6)
     assert model.config.anomaly_scorer_num_nn == 2  # its own hyperparameters, not defaults
+
+
+@pytest.mark.parametrize("preprocess", ["aspect", "tile"])
+def test_multi_view_models_round_trip(tmp_path, preprocess):
+    """Provenance counts views: a model with several views per image saves and loads."""
+    from conftest import TINY
+
+    from patchcore.data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "d", categories=("wood",), n_train=4, n_test_good=1,
+                           n_test_defect=1, size=(48, 96), seed=6)
+    model = PatchCore(**TINY, preprocess=preprocess, tile_size=48, tile_stride=24)
+    model.fit(tmp_path / "d" / "wood")
+    assert model.members_[0].bank.image_index.max() >= len(model.train_paths_)  # views > images
+    loaded = PatchCore.load(model.save(tmp_path / "m"), progress=False)
+    test = sorted((tmp_path / "d" / "wood" / "test").rglob("*.png"))
+    np.testing.assert_array_equal(model.predict(test).scores, loaded.predict(test).scores)
+    assert loaded.training_view(int(loaded.members_[0].bank.image_index.max()))[0] == 3

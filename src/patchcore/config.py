@@ -136,6 +136,10 @@ class PatchCoreConfig:
         if self.preprocess == "crop" and self.resize < self.imagesize:
             raise ConfigError(f"resize ({self.resize}) must be >= imagesize ({self.imagesize}): "
                               "the image is centre-cropped after resizing")
+        tile = self.tile_size or 2 * self.imagesize
+        if self.tile_stride is not None and self.tile_stride > tile:
+            raise ConfigError(f"tile_stride ({self.tile_stride}) must be at most tile_size "
+                              f"({tile}): larger steps leave parts of the image unseen")
         if not self.backbones or not all(self.backbones):
             raise ConfigError("at least one backbone name is needed")
 

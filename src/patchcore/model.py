@@ -90,7 +90,7 @@ class PatchCore:
 
     @property
     def preprocessor(self) -> Preprocessor:
-        """Resize and centre crop to [0, 1] RGB tensors; each member normalises on its own."""
+        """Views (`config.preprocess`) as [0, 1] RGB tensors; each member normalises on its own."""
         return pipeline.preprocessor(self.config)
 
     def _ready(self) -> list[Member]:
@@ -141,6 +141,12 @@ class PatchCore:
         leave-one-image-out scores of the training images (every image stays in the bank), or,
         with `calibration_holdout` > 0, from that share of the images held out of the bank.
         """
+        if self.config.preprocess == "tile":
+            # The default tile follows imagesize; record it, so that evaluating at another
+            # imagesize keeps the fitted tiles.
+            pre = self.preprocessor
+            self.config = self.config.replace(tile_size=pre.tile_size,
+                                              tile_stride=pre.tile_stride)
         c = self.config
         if isinstance(train, (str, Path)) and Path(train).is_dir():
             train = load_dataset(train)

@@ -644,6 +644,12 @@ def load_state(path: Path) -> ModelState:
         for s in train_sizes), cfg, "train_sizes must be one [width, height] per training image")
     fit_info = document.get("fit_info", {})
     _check(isinstance(fit_info, dict), cfg, "fit_info must be an object")
+    # Provenance counts views (one per image, or several in aspect/tile preprocessing).
+    n_views = len(train_paths)
+    if train_sizes:
+        from .engine.pipeline import preprocessor
+
+        n_views = sum(preprocessor(config).num_views((s[0], s[1])) for s in train_sizes)
     entries = document["members"]
     _check(isinstance(entries, list) and 1 <= len(entries) <= 16, cfg,
            "members must be a list of 1 to 16 entries")
@@ -683,7 +689,7 @@ def load_state(path: Path) -> ModelState:
             raise ModelFileError(f"{bank_file}: provenance of member {i} does not match the bank")
         if image_index.dtype != np.int32 or position.dtype != np.int16:
             raise ModelFileError(f"{bank_file}: provenance of member {i} has the wrong dtype")
-        if (image_index.min() < 0 or (train_paths and image_index.max() >= len(train_paths))
+        if (image_index.min() < 0 or (n_views and image_index.max() >= n_views)
                 or position.min() < 0 or (i == 0 and (position[:, 0].max() >= grid[0]
                                                       or position[:, 1].max() >= grid[1]))):
             raise ModelFileError(f"{bank_file}: provenance of member {i} points outside the "

@@ -31,6 +31,15 @@ from .images import MAX_ASPECT_RATIO, MAX_RESIZED_PIXELS, to_rgb
 
 MODES = ("crop", "square", "aspect", "tile")
 MIN_OVERLAP = 0.25  # aspect mode: share of a view shared with its neighbour, at least
+MAX_VIEWS = 1024  # views of one image (each imagesize x imagesize): a memory bound
+
+
+def _count(length: float, window: float, stride: float | None) -> int:
+    """len(_positions(...)) without building the list."""
+    if length <= window:
+        return 1
+    step = stride if stride is not None else window * (1.0 - MIN_OVERLAP)
+    return math.ceil((length - window) / step) + 1
 
 
 def _positions(length: float, window: float, stride: float | None) -> list[float]:
@@ -111,7 +120,15 @@ class Preprocessor:
 
     def num_views(self, size: tuple[int, int]) -> int:
         """How many views an image of `size` (W, H) gives."""
-        return 1 if self.mode in ("crop", "square") else len(self.boxes(size))
+        if self.mode in ("crop", "square"):
+            return 1
+        w, h = size
+        if self.mode == "aspect":
+            aw, ah = self._aspect_size(size)
+            s = self.imagesize
+            return _count(aw, s, None) * _count(ah, s, None)
+        t, d = self.tile_size, self.tile_stride
+        return _count(w, min(t, w), d) * _count(h, min(t, h), d)
 
     def check_size(self, size: tuple[int, int], name: str | Path | None = None) -> None:
         """DataError (naming `name`) when an image of `size` (W, H) would be too costly.
@@ -128,6 +145,13 @@ class Preprocessor:
             raise DataError(
                 f"{label} is {w}x{h}, an aspect ratio of {ratio:.0f}:1, above the limit of "
                 f"{MAX_ASPECT_RATIO:g}:1 (MAX_ASPECT_RATIO): crop it into tiles before scoring"
+            )
+        views = self.num_views((w, h))
+        if views > MAX_VIEWS:
+            raise DataError(
+                f"{label} is {w}x{h} and would give {views:,} views of {self.imagesize}x"
+                f"{self.imagesize}, above the limit of {MAX_VIEWS:,} (MAX_VIEWS): raise "
+                "--tile-size / --tile-stride or downscale the image"
             )
         rw, rh = self.resized_size((w, h)) if self.mode == "crop" else (
             self._aspect_size((w, h)) if self.mode == "aspect" else (w, h))

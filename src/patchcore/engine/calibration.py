@@ -90,7 +90,8 @@ def holdout_split(samples: list, fraction: float, seed: int) -> tuple[list, list
     if fraction <= 0 or len(samples) < 4:
         return list(samples), []
     order = np.random.default_rng(seed).permutation(len(samples))
-    n_hold = max(MIN_CALIBRATION_IMAGES, int(round(len(samples) * fraction)))
+    n_hold = min(max(MIN_CALIBRATION_IMAGES, int(round(len(samples) * fraction))),
+                 len(samples) - 2)  # the bank keeps at least two images
     hold = set(order[:n_hold].tolist())
     return ([s for i, s in enumerate(samples) if i not in hold],
             [s for i, s in enumerate(samples) if i in hold])

@@ -73,12 +73,34 @@ class NearestNeighbourIndex:
         """Number of indexed rows."""
         return 0 if self._index is None else int(self._index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Distances and indices (both Q x k) of each query's k nearest bank rows."""
+    def search(
+        self, queries: np.ndarray, k: int = 1, exclude: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and indices (both Q x k) of each query's k nearest bank rows.
+
+        `exclude` = (start, stop) leaves bank rows start..stop-1 out of the search (a faiss ID
+        selector: no extra memory, exact for the flat index).
+        """
         if self._index is None:
             raise ConfigError("search called before add")
         q = self._prepare(queries)
-        scores, idx = self._index.search(q, k)
+        if exclude is None or exclude[0] >= exclude[1]:
+            scores, idx = self._index.search(q, k)
+        else:
+            if self.ntotal - (exclude[1] - exclude[0]) < k:
+                raise ConfigError(f"{k} nearest rows requested but only "
+                                  f"{self.ntotal - (exclude[1] - exclude[0])} remain outside "
+                                  "the excluded ones")
+            sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(exclude[0]), int(exclude[1])))
+            if self.use_gpu:
+                raise ConfigError("excluding bank rows needs a CPU index")
+            if self.kind == "ivf" and isinstance(self._index, faiss.IndexIVF):
+                params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+            elif self.kind == "hnsw" and isinstance(self._index, faiss.IndexHNSW):
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=64)
+            else:
+                params = faiss.SearchParameters(sel=sel)
+            scores, idx = self._index.search(q, k, params=params)
         if self.distance == "cosine":
             dist = 1.0 - scores
         else:

@@ -185,11 +185,11 @@ def set_ensemble_norms(members: Sequence[Member], seed: int) -> None:
 
 def score_features(
     member: Member, feats: np.ndarray, config: PatchCoreConfig,
-    exclude: np.ndarray | None = None,
+    exclude: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patch scores (B x h x w), nearest bank rows (B x h x w) and image scores (B) of features.
 
-    `exclude` marks bank rows to leave out (leave-one-image-out calibration).
+    `exclude` = (start, stop) bank rows to leave out (leave-one-image-out calibration).
     """
     assert member.bank is not None and member.index is not None
     ps, nearest = patch_scores(member.index, feats, config.anomaly_scorer_num_nn, exclude)
@@ -202,8 +202,9 @@ def score_view_features(
     members: Sequence[Member], feats: Sequence[np.ndarray], config: PatchCoreConfig,
     exclude_views: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """View scores, maps (V x S x S), and the first member's patch scores and nearest rows,
-    from each member's patch features of the same V views (ensembles: z-scores averaged).
+    """View scores, maps (V x S x S), and the first member's patch scores (z-scores in an
+    ensemble) and nearest rows, from each member's patch features of the same V views
+    (ensembles: z-scores averaged).
 
     `exclude_views` (start, stop) leaves out the bank rows taken from those training views.
     """
@@ -215,8 +216,10 @@ def score_view_features(
         exclude = None
         if exclude_views is not None:
             assert member.bank is not None
+            # build_bank keeps rows in feature order, so a view range is a row range.
             views = member.bank.image_index
-            exclude = (views >= exclude_views[0]) & (views < exclude_views[1])
+            exclude = (int(np.searchsorted(views, exclude_views[0])),
+                       int(np.searchsorted(views, exclude_views[1])))
         ps, nearest, img = score_features(member, f, config, exclude)
         if ensemble:
             assert member.bank is not None

@@ -12,27 +12,16 @@ from .index import NearestNeighbourIndex
 
 def patch_scores(
     index: NearestNeighbourIndex, features: np.ndarray, k: int = 1,
-    exclude: np.ndarray | None = None,
+    exclude: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly score of each patch (mean distance to its k nearest bank rows) and the nearest row.
 
     `features` is B x h x w x D; returns scores B x h x w and nearest-row indices B x h x w.
-    `exclude` (a bool per bank row) leaves those rows out: the leave-one-image-out scores of a
-    training image, from the bank rows of all other images.
+    `exclude` = (start, stop) leaves those bank rows out: the leave-one-image-out scores of a
+    training image, whose rows are contiguous in the bank, from the rows of all other images.
     """
     b, h, w, d = features.shape
-    queries = features.reshape(-1, d)
-    if exclude is None or not exclude.any():
-        dist, idx = index.search(queries, k)
-        return dist.mean(axis=1).reshape(b, h, w), idx[:, 0].reshape(b, h, w)
-    n_out = int(exclude.sum())
-    if index.ntotal - n_out < k:
-        raise ValueError(f"{k} neighbours requested but only {index.ntotal - n_out} rows remain")
-    # The k nearest allowed rows are among the k + n_out nearest rows: exact, not approximate.
-    dist, idx = index.search(queries, min(index.ntotal, k + n_out))
-    dist = np.where(exclude[idx], np.inf, dist)
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    dist, idx = np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+    dist, idx = index.search(features.reshape(-1, d), k, exclude)
     return dist.mean(axis=1).reshape(b, h, w), idx[:, 0].reshape(b, h, w)
 
 
