@@ -307,3 +307,23 @@ def test_ctrl_c_in_fit_says_what_was_kept(data, tmp_path, monkeypatch):
     monkeypatch.setattr("patchcore.evaluation.evaluate.evaluate_split", interrupt)
     line = one_line(runner.invoke(app, ["-q", "fit", str(data), "-o", str(out), *TINY]), 130)
     assert line == f"interrupted; kept {out / 'models' / 'carpet'}"
+
+
+def test_interrupted_overwrite_puts_the_earlier_outputs_back(model, images, tmp_path,
+                                                            monkeypatch):
+    """Ctrl-C while files are being moved into place: the earlier run's files come back."""
+    out = tmp_path / "p"
+    assert predict(model, out, images).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, calls = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:  # two files already replaced, the third one half-way
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(predictions.os, "replace", replace_then_interrupt)
+    r = predict(model, out, images, extra=["--overwrite"])
+    assert r.exit_code == 130
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

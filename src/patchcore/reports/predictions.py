@@ -288,6 +288,7 @@ class PredictionWriter:
         self._created: list[Path] = []  # the output folder and its parents, made by this run
         self._subfolders: list[Path] = []  # folders made inside it for mirrored names
         self._placed: list[Path] = []  # files moved into place before the run completed
+        self._replaced: list[tuple[Path, Path]] = []  # earlier files moved aside, to restore
         self._stage: Path | None = None
         self._earlier: set[str] = set()
 
@@ -403,9 +404,15 @@ class PredictionWriter:
         """Move the staged files into place (tables last), then remove replaced earlier ones."""
         assert self._stage is not None
         new = sorted({row[key] for row in rows for key in OUTPUTS})
+        backups = self._stage / ".replaced"
         for rel in [*new, TABLE, MANIFEST]:
             final = self.folder / rel
             self._make_parents(final.parent)
+            if final.exists():  # an earlier run's file (--overwrite): kept until we are done
+                backup = backups / rel
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(final, backup)
+                self._replaced.append((final, backup))
             os.replace(self._stage / rel, final)
             self._placed.append(final)
         for rel in sorted(self._earlier - set(new) - {TABLE, MANIFEST}):
@@ -415,7 +422,7 @@ class PredictionWriter:
                 with contextlib.suppress(OSError):
                     (self.folder / parent).rmdir()
         shutil.rmtree(self._stage, ignore_errors=True)
-        self._stage, self._placed = None, []
+        self._stage, self._placed, self._replaced = None, [], []
 
     def _make_parents(self, folder: Path) -> None:
         """Create `folder` inside the output folder, remembering what this run created."""
@@ -428,14 +435,17 @@ class PredictionWriter:
             self._subfolders.append(path)
 
     def _discard(self) -> None:
-        """Remove everything this run wrote so far."""
+        """Remove everything this run wrote so far and put back the earlier files it replaced."""
         for path in self._placed:
             with contextlib.suppress(OSError):
                 path.unlink()
+        for final, backup in reversed(self._replaced):
+            with contextlib.suppress(OSError):
+                os.replace(backup, final)
         if self._stage is not None:
             shutil.rmtree(self._stage, ignore_errors=True)
         remove_empty_folders(self._subfolders)
-        self._stage, self._placed, self._subfolders = None, [], []
+        self._stage, self._placed, self._subfolders, self._replaced = None, [], [], []
 
 
 def _npy(array: np.ndarray) -> bytes:
