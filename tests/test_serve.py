@@ -362,8 +362,8 @@ def test_full_queue_answers_503_with_retry_after(results, images):
         rec(model, [None] * len(imgs))
         return default_scorer(model, imgs)
 
-    service = Service(results, ServeOptions(max_batch=1, queue_size=1, check_interval=0),
-                      scorer=scorer)
+    service = Service(results, ServeOptions(max_batch=1, queue_size=1, max_images=1,
+                                            check_interval=0), scorer=scorer)
     with TestClient(create_app(service)) as c, ThreadPoolExecutor(2) as pool:
         url = "/v1/models/carpet/predict"
         first = pool.submit(c.post, url, files=upload(images[0]))
@@ -543,3 +543,8 @@ def test_serve_command_refuses_an_open_host_without_a_key_and_a_folder_without_m
     assert r.exit_code == 2 and "set an API key" in r.output
     r = CliRunner().invoke(app, ["serve", str(tmp_path / "empty"), "--port", "1"])
     assert r.exit_code == 2 and "holds no saved model" in r.output
+
+
+def test_requests_larger_than_the_queue_are_refused_at_start():
+    with pytest.raises(ConfigError, match="never be admitted"):
+        ServeOptions(queue_size=4, max_images=8)

@@ -87,6 +87,9 @@ class ServeOptions:
             raise ConfigError(f"batch_wait_ms must be in 0..10000, got {self.batch_wait_ms}")
         if self.check_interval < 0:
             raise ConfigError("check_interval must be >= 0")
+        if self.max_images > self.queue_size:
+            raise ConfigError(f"max_images ({self.max_images}) must not exceed queue_size "
+                              f"({self.queue_size}): such a request could never be admitted")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ConfigError("the API key must have at least 8 characters")
 
