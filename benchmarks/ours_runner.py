@@ -76,10 +76,11 @@ def fit_phase(args: argparse.Namespace) -> dict:
     fit_s = time.perf_counter() - t0
     model.save(args.model_dir)
     member = model.fit_info_["members"][0]
+    dim = int(model.members_[0].bank.features.shape[1])
     return {"n_train": len(train), "feature_extraction_s": member["feature_seconds"],
             "coreset_s": member["coreset_seconds"], "fit_s": fit_s,
-            "embeddings_before_coreset": [member["patches"], model.config.target_embed_dimension],
-            "memory_bank": [member["bank_rows"], model.config.target_embed_dimension],
+            "embeddings_before_coreset": [member["patches"], dim],
+            "memory_bank": [member["bank_rows"], dim],
             "features_on_disk": member["features_on_disk"], "fit_peak_rss_mb": peak_rss_mb()}
 
 
@@ -88,7 +89,8 @@ def predict_phase(args: argparse.Namespace) -> dict:
     import torch
 
     from patchcore import PatchCore, load_dataset, metrics
-    from patchcore.data.images import load_image
+    from patchcore.data.images import load_image, load_mask
+    from patchcore.engine import pipeline
 
     torch.set_num_threads(args.threads)
     model = PatchCore.load(args.model_dir, device=args.device)
@@ -96,29 +98,39 @@ def predict_phase(args: argparse.Namespace) -> dict:
     split = load_dataset(args.data)
     test = split.test
     pre = model.preprocessor
-    tensors = [pre.image(load_image(s.path)) for s in test]
-    masks = np.stack([
-        (pre.mask(__import__("patchcore").data.load_mask(s.mask, load_image(s.path).size)).numpy()
-         if s.mask else np.zeros((args.imagesize, args.imagesize), bool)) for s in test])
+    if pre.mode not in ("square", "crop"):
+        raise SystemExit("ours_runner times one view per image: use preprocess square or crop "
+                         "(benchmarks/accuracy.py measures every mode)")
+    images = [load_image(s.path) for s in test]
+    tensors = [pre.image(im) for im in images]
+    sizes = [im.size for im in images]
+    del images
     labels = np.array([s.label for s in test])
+    side = model.config.imagesize
     scratch = np.lib.format.open_memmap(Path(args.scratch) / "maps.npy", mode="w+",
-                                        dtype=np.float32, shape=masks.shape)
+                                        dtype=np.float32, shape=(len(test), side, side))
+    members = model._ready()  # noqa: SLF001 - members with their extractors built
+
+    def score(views):
+        """Scores and S x S maps of raw [0, 1] views: features, NN search, maps, blur."""
+        return pipeline.score_batch(members, views, model.config)
+
     scores, times = [], []
     for i, t in enumerate(tensors):
         t0 = time.perf_counter()
-        s, maps, _, _ = model._score_batch(t[None])  # noqa: SLF001 - the model alone is timed
+        s, maps, _, _ = score(t[None])  # the model alone is timed
         times.append(time.perf_counter() - t0)
         scores.append(float(s[0]))
         scratch[i] = maps[0]
     times = times[2:] or times
     rss_b1 = peak_rss_mb()
     batch = torch.stack([tensors[i % len(tensors)] for i in range(BATCH)])
-    model._score_batch(batch)  # noqa: SLF001 - warm-up
+    score(batch)  # warm-up
     t0 = time.perf_counter()
     for _ in range(args.throughput_batches):
-        model._score_batch(batch)  # noqa: SLF001
+        score(batch)
     throughput = args.throughput_batches * BATCH / (time.perf_counter() - t0)
-    extractor = model._extractor(model.members_[0])  # noqa: SLF001
+    extractor = members[0].extractor
     floor = []
     with torch.inference_mode():
         for t in tensors:
@@ -126,6 +138,10 @@ def predict_phase(args: argparse.Namespace) -> dict:
             extractor._run_backbone(t[None])  # noqa: SLF001 - bare backbone forward
             floor.append(time.perf_counter() - t0)
     floor = floor[2:] or floor
+    # Pixel AUROC over every pixel of every whole image at its original size.
+    full_maps = [pre.to_original(scratch[i], sizes[i]) for i in range(len(test))]
+    full_masks = [load_mask(s.mask, sizes[i]) if s.mask else
+                  np.zeros((sizes[i][1], sizes[i][0]), bool) for i, s in enumerate(test)]
     return {
         "n_test": len(test), "predict_latency_ms": 1000 * float(np.mean(times)),
         "predict_latency_ms_median": 1000 * float(np.median(times)),
@@ -133,7 +149,9 @@ def predict_phase(args: argparse.Namespace) -> dict:
         "predict_peak_rss_mb": peak_rss_mb(),
         "backbone_forward_ms": 1000 * float(np.mean(floor)),
         "image_auroc": metrics.image_auroc(labels, np.array(scores)),
-        "pixel_auroc": metrics.pixel_auroc(masks, np.asarray(scratch)),
+        "pixel_auroc": metrics.pixel_auroc(full_masks, full_maps),
+        "pixel_metrics": "whole image at original size",
+        "preprocess": f"{model.config.preprocess} (imagesize {side})",
     }
 
 
@@ -171,7 +189,7 @@ def main() -> None:
                 "--scratch", tmp]
         report: dict = {"peer": "patchcore (ours)", "data": str(Path(args.data).resolve()),
                         "backbone": args.backbone, "coreset_ratio": args.coreset,
-                        "threads": args.threads, "preprocess": "resize shorter side, center crop"}
+                        "threads": args.threads}
         phases = ["fit"] if args.skip_predict else ["fit", "predict"]
         for phase in phases:
             out = f"{tmp}/{phase}.json"

