@@ -70,8 +70,8 @@ MUTANTS: list[dict[str, Any]] = [
          replace="part += sq[: len(part)]",
          tests=T_SAMPLING, why="chunked update adds the first chunk's norms to every chunk"),
     dict(name="patch-score-kth-not-mean", file=SCORING,
-         find="dist, idx = index.search(queries, k)\n        return dist.mean(axis=1)",
-         replace="dist, idx = index.search(queries, k)\n        return dist[:, -1]",
+         find="return dist.mean(axis=1).reshape(b, h, w)",
+         replace="return dist[:, -1].reshape(b, h, w)",
          tests=T_SCORING, why="patch score = k-th distance instead of the mean of k nearest"),
     dict(name="map-upsample-align-corners", file=SCORING,
          find='size=(imagesize, imagesize), mode="bilinear", align_corners=False)',
@@ -119,8 +119,8 @@ MUTANTS: list[dict[str, Any]] = [
          replace="np.exp(s_star[:, None] - dists)",
          tests=T_SCORING, why="Eq. 7 reweighting with the exponent's sign flipped"),
     dict(name="nearest-row-kth", file=SCORING,
-         find="idx[:, 0].reshape(b, h, w)\n    n_out",
-         replace="idx[:, -1].reshape(b, h, w)\n    n_out",
+         find="idx[:, 0].reshape(b, h, w)",
+         replace="idx[:, -1].reshape(b, h, w)",
          tests=T_SCORING, why="nearest bank row = k-th neighbour when k > 1"),
     dict(name="provenance-row-col-swapped", file=BANK,
          find="np.stack([(idx % per_image) // w, idx % w], axis=1)",
@@ -143,7 +143,7 @@ MUTANTS: list[dict[str, Any]] = [
          replace='t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=True)\n',
          tests=T_GEOMETRY, why="map back-projection resized with align_corners=True"),
     # -- whole-image views and leave-one-image-out calibration ------------------------------
-    dict(name="loo-keeps-own-rows", file=SCORING,
+    dict(name="loo-keeps-own-rows", file=PIPELINE,
          find="int(np.searchsorted(views, exclude_views[1])))",
          replace="int(np.searchsorted(views, exclude_views[0])))",
          tests=T_VIEWS, why="leave-one-out scores still see the image's own bank rows"),
@@ -156,8 +156,9 @@ MUTANTS: list[dict[str, Any]] = [
          replace="return total.astype(np.float32)",
          tests=T_VIEWS, why="overlapping views are summed, not averaged, in whole-image maps"),
     dict(name="aspect-no-overlap", file=PREPROCESS,
-         find="step = stride if stride is not None else window * (1.0 - MIN_OVERLAP)",
-         replace="step = stride if stride is not None else window",
+         find=("step = stride if stride is not None else window * (1.0 - MIN_OVERLAP)\n"
+               "    n = math.ceil"),
+         replace="step = stride if stride is not None else window\n    n = math.ceil",
          tests=T_VIEWS, why="aspect views tile the image edge to edge without overlap"),
 ]
 

@@ -124,3 +124,15 @@ def test_importing_patchcore_first_makes_openmp_threads_wait_passively():
                           "print(os.environ['OMP_WAIT_POLICY'])"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.stdout.strip() == "PASSIVE", out.stderr[-500:]
+
+
+def test_every_planted_mutant_still_applies():
+    """scripts/mutation_check.py's snippets must follow the code (`make mutation` runs them)."""
+    import subprocess
+    import sys
+
+    root = PACKAGE.parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "mutation_check.py"), "--list"],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(lines) >= 24 and not any("stale" in line.lower() for line in lines), out.stdout
