@@ -181,10 +181,13 @@ class ReviewStore:
                             f"{str(true_label)[:40]!r}")
         defect_name = check_defect(defect) if true_label == "anomalous" else None
         with self.lock:
-            self.db.execute("UPDATE predictions SET verdict = ?, true_label = ?, defect = ?, "
-                            "reviewed = ? WHERE id = ?",
-                            (verdict, true_label, defect_name, time.time(), row_id))
-        return self.row(row_id) or {}
+            updated = self.db.execute(
+                "UPDATE predictions SET verdict = ?, true_label = ?, defect = ?, reviewed = ? "
+                "WHERE id = ?", (verdict, true_label, defect_name, time.time(), row_id)).rowcount
+        row = self.row(row_id)
+        if not updated or row is None:  # pruned between the read and the update
+            raise KeyError(row_id)
+        return row
 
     def export_csv(self) -> str:
         """The reviewed predictions as CSV (CSV_COLUMNS), oldest first."""
