@@ -56,7 +56,7 @@ def single(noise_paths: list[Path]) -> dict[str, Any]:
     train, cal = noise_paths[:N_TRAIN], noise_paths[N_TRAIN : N_TRAIN + N_CAL]
     model.fit(train, val=cal)
     return {"model": model, "train": train, "cal": cal,
-            "fit_threshold": model.calibration_.get("image_threshold")}
+            "fit_threshold": model.calibration_.image_threshold}
 
 
 # -- helpers: read the fitted state through either the flat or the MemoryBank layout ----------
@@ -115,7 +115,7 @@ def test_normal_only_threshold_is_max_of_percentile_and_three_sigma(single) -> N
     expected = max(percentile, margin)
     assert single["fit_threshold"] == pytest.approx(expected, rel=1e-5)
     cal = model.calibrate(single["cal"])
-    assert cal.get("image_threshold") == pytest.approx(expected, rel=1e-5)
+    assert cal.image_threshold == pytest.approx(expected, rel=1e-5)
     # ... and it is what labels the images: none of the normal calibration images is flagged.
     assert model.predict(single["cal"]).labels.sum() == 0
 
@@ -136,7 +136,7 @@ def test_fpr_threshold_flags_exactly_the_allowed_images(single, fpr, duplicate_t
     assert len(np.unique(scores)) == len(scores) - int(duplicate_top)
     expected_threshold, expected_flagged = _lowest_threshold(scores, fpr)
     cal = model.calibrate(items, threshold_fpr=fpr)
-    assert cal.get("image_threshold") == float(expected_threshold)
+    assert cal.image_threshold == float(expected_threshold)
     assert int(model.predict(items).labels.sum()) == expected_flagged
     assert expected_flagged <= fpr * len(items)
 

@@ -67,7 +67,6 @@ class PatchCore:
         self.feature_grid_: tuple[int, int] | None = None
         self.fit_info_: dict[str, Any] = {}
         self.calibration_prediction_: Prediction | None = None
-        self._device: torch.device | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -83,10 +82,7 @@ class PatchCore:
     @property
     def device(self) -> torch.device:
         """The torch device in use (resolved from settings.device)."""
-        if self._device is None or self._device_name != self.settings.device:
-            self._device = resolve_device(self.settings.device)
-            self._device_name = self.settings.device
-        return self._device
+        return resolve_device(self.settings.device)
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -183,7 +179,7 @@ class PatchCore:
                            threshold_percentile=c.threshold_percentile)
         elif len(train_samples) >= MIN_CALIBRATION_IMAGES:
             scores, maps = pipeline.leave_one_out(self.members_, train_samples, c,
-                                                  self.settings)
+                                                  self.settings, self.train_sizes_)
             self.calibration_ = calibrate(scores, maps, np.zeros(len(scores), dtype=int), None,
                                           c.threshold_fpr, c.threshold_percentile, c.seed)
             self.calibration_.image_threshold_rule += (

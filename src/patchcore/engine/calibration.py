@@ -46,10 +46,6 @@ class Calibration:
         """True when an image threshold is known."""
         return self.image_threshold is not None
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """Dict-style access (kept for callers of the former calibration dict)."""
-        return getattr(self, key, default)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (empty when uncalibrated, as format-1 models stored it)."""
         return dataclasses.asdict(self) if self.calibrated else {}

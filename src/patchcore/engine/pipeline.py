@@ -247,7 +247,8 @@ def score_batch(
 
 def leave_one_out(
     members: Sequence[Member], samples: Sequence[Sample], config: PatchCoreConfig,
-    settings: RuntimeSettings, limit: int = 64,
+    settings: RuntimeSettings, sizes: Sequence[tuple[int, int]] | None = None,
+    limit: int = 64,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Calibration scores of training images that stay in the bank: image scores and
     whole-image maps of up to `limit` of them (seeded), each scored against the bank rows of
@@ -256,10 +257,12 @@ def leave_one_out(
     A training image's own rows are its exact nearest neighbours, so its ordinary score is
     about zero; leaving them out scores it as an unseen normal image would be, against a bank
     that lacks its contribution to the coreset (a slightly pessimistic estimate, which keeps
-    thresholds on the safe side). Eq. 7 reweighting, when on, uses the full bank.
+    thresholds on the safe side). Eq. 7 reweighting, when on, uses the full bank. `sizes`
+    (W, H) of the images, known from the fit, spare reading their headers again.
     """
     pre = preprocessor(config)
-    counts = view_counts(samples, pre)
+    counts = (view_counts(samples, pre) if sizes is None
+              else [pre.num_views(size) for size in sizes])
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     chosen = np.arange(len(samples))
     if len(samples) > limit:

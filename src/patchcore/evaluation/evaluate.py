@@ -33,7 +33,7 @@ def evaluate_split(model: PatchCore, split: DatasetSplit) -> tuple[dict[str, Any
     t0 = time.perf_counter()
     pred = model.score(split.test, masks=with_masks, desc=f"evaluate [{split.name}]")
     elapsed = time.perf_counter() - t0
-    threshold = model.calibration_.get("image_threshold")
+    threshold = model.calibration_.image_threshold
     # Pixel metrics over every pixel of every image, at the image's own size.
     result = metrics.evaluate(
         pred.true_labels, pred.scores,
@@ -42,7 +42,7 @@ def evaluate_split(model: PatchCore, split: DatasetSplit) -> tuple[dict[str, Any
     )
     row: dict[str, Any] = {"category": split.name, **{k: _plain(v) for k, v in result.items()}}
     row["threshold"] = threshold
-    row["threshold_rule"] = model.calibration_.get("image_threshold_rule", "")
+    row["threshold_rule"] = model.calibration_.image_threshold_rule
     row["n_train"] = model.fit_info_.get("train_images", len(model.train_paths_))
     row["n_test"] = len(split.test)
     row["n_anomalous"] = int(sum(s.label == 1 for s in split.test))

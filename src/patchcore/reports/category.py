@@ -43,7 +43,7 @@ def write_category_report(
 
     folder.mkdir(parents=True, exist_ok=True)
     cal = model.calibration_
-    thr = cal.get("image_threshold")
+    thr = cal.image_threshold
     labels = _true_labels(pred)
     out: dict[str, Path] = {}
     val_pred, val_title = getattr(model, "calibration_prediction_", None), "Validation scores"
