@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import os as _os  # noqa: E402
+import importlib as _importlib
+import os as _os
+from typing import TYPE_CHECKING, Any
 
 # torch and faiss each bring an OpenMP runtime whose idle threads spin-wait by default; on a
 # machine with few cores they starve each other: feature extraction measured 3-7x slower in the
@@ -13,9 +15,6 @@ import os as _os  # noqa: E402
 # pools, i.e. when patchcore is imported first; set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .backbones import get_backbone  # noqa: E402
-from .config import PatchCoreConfig  # noqa: E402
-from .data.layouts import MVTEC_CATEGORIES, load_dataset  # noqa: E402
 from .errors import (  # noqa: E402
     BackboneError,
     ConfigError,
@@ -25,18 +24,53 @@ from .errors import (  # noqa: E402
     PatchCoreError,
     WeightsNotFoundError,
 )
-from .evaluation import metrics  # noqa: E402
-from .model import PatchCore, Prediction  # noqa: E402
+
+# Public names resolved on first use, so that `import patchcore` (and the torch-free parts such
+# as `patchcore.inference`) starts without importing torch, faiss or the backbone zoo.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "PatchCore": (".model", "PatchCore"),
+    "Prediction": (".prediction", "Prediction"),
+    "PatchCoreConfig": (".config", "PatchCoreConfig"),
+    "RuntimeSettings": (".config", "RuntimeSettings"),
+    "get_backbone": (".backbones", "get_backbone"),
+    "load_dataset": (".data.layouts", "load_dataset"),
+    "MVTEC_CATEGORIES": (".data.layouts", "MVTEC_CATEGORIES"),
+    "metrics": (".evaluation.metrics", None),
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .backbones import get_backbone
+    from .config import PatchCoreConfig, RuntimeSettings
+    from .data.layouts import MVTEC_CATEGORIES, load_dataset
+    from .evaluation import metrics
+    from .model import PatchCore
+    from .prediction import Prediction
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = _importlib.import_module(module_name, __name__)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load(path: str, device: str | None = None) -> PatchCore:
     """Load a saved model folder."""
+    from .model import PatchCore
+
     return PatchCore.load(path, device=device)
 
 
 def list_backbones() -> list[dict[str, object]]:
     """Registered backbones with their source, default layers and local weight availability."""
-    from .backbones import backbone_names
+    from .backbones import backbone_names, get_backbone
 
     rows = []
     for name in backbone_names():
@@ -53,11 +87,14 @@ def list_backbones() -> list[dict[str, object]]:
 
 def list_mvtec_categories() -> list[str]:
     """The 15 MVTec AD categories."""
+    from .data.layouts import MVTEC_CATEGORIES
+
     return list(MVTEC_CATEGORIES)
 
 
 __all__ = [
-    "BackboneError", "ConfigError", "DataError", "ModelFileError", "NotFittedError", "PatchCore",
-    "PatchCoreConfig", "PatchCoreError", "Prediction", "WeightsNotFoundError", "__version__",
-    "list_backbones", "list_mvtec_categories", "load", "load_dataset", "metrics",
+    "MVTEC_CATEGORIES", "BackboneError", "ConfigError", "DataError", "ModelFileError",
+    "NotFittedError", "PatchCore", "PatchCoreConfig", "PatchCoreError", "Prediction",
+    "RuntimeSettings", "WeightsNotFoundError", "__version__", "get_backbone", "list_backbones",
+    "list_mvtec_categories", "load", "load_dataset", "metrics",
 ]
