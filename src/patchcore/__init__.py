@@ -36,6 +36,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "load_dataset": (".data.layouts", "load_dataset"),
     "MVTEC_CATEGORIES": (".data.layouts", "MVTEC_CATEGORIES"),
     "metrics": (".evaluation.metrics", None),
+    "benchmark": (".evaluation.benchmark", "benchmark"),
+    "list_categories": (".evaluation.benchmark", "list_categories"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .config import PatchCoreConfig, RuntimeSettings
     from .data.layouts import MVTEC_CATEGORIES, load_dataset
     from .evaluation import metrics
+    from .evaluation.benchmark import benchmark, list_categories
     from .model import PatchCore
     from .prediction import Prediction
 
@@ -97,4 +100,5 @@ __all__ = [
     "NotFittedError", "PatchCore", "PatchCoreConfig", "PatchCoreError", "Prediction",
     "RuntimeSettings", "WeightsNotFoundError", "__version__", "get_backbone", "list_backbones",
     "list_mvtec_categories", "load", "load_dataset", "metrics",
+    "benchmark", "list_categories",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +46,15 @@ def fit(data: Path, output: Path, data_opts: DataOptions, evaluate: bool, report
         tracking: TrackingOptions, config: PatchCoreConfig, settings: RuntimeSettings) -> None:
     """Fit one model per category of DATA (a dataset root or one category folder) and save it
     under OUTPUT/models/<category>."""
-    from ..model import PatchCore
+    from ..evaluation.runs import fit_categories
 
     folders = data_opts.folders(data)
     out = tracking.folder(output)
-    rows: list[dict[str, Any]] = []
     with tracking.start(out, "fit", {**config.to_dict(), **dataclasses.asdict(settings)}) as track:
-        for folder in folders:
-            split = data_opts.load(folder, config.seed)
-            t0 = time.perf_counter()
-            model = PatchCore(config, settings).fit(split)
-            fit_s = time.perf_counter() - t0
-            path = model.save(out / "models" / split.name)
-            current_run().kept.append(path)
-            say(f"{split.name}: fitted in {fit_s:.1f}s on {len(split.train)} images -> {path}")
-            if evaluate and split.test:
-                reports.evaluate(rows, model, split, out, data_opts.normal, track)
-                rows[-1]["fit_seconds"] = round(fit_s, 2)
+        rows = fit_categories(
+            folders, lambda folder: data_opts.load(folder, config.seed), config, settings, out,
+            evaluate=evaluate, request=reports.request, normal=data_opts.normal, tracker=track,
+            writing=writing, on_saved=current_run().kept.append, say=say)
         if rows:
             show_results(rows, out)
 

@@ -225,26 +225,22 @@ class ReportOptions:
     save_segmentation_images: bool
     save_anomaly_scores: bool
 
+    @property
+    def request(self) -> Any:
+        """The library's evaluation.runs.ReportRequest for these options."""
+        from ..evaluation.runs import ReportRequest
+
+        return ReportRequest(self.save_reports, self.save_segmentation_images,
+                             self.save_anomaly_scores)
+
     def evaluate(self, rows: list[dict[str, Any]], model: Any, split: Any, out: Path,
                  normal: str, track: Any) -> dict[str, Any]:
         """Evaluate one category: its results row (appended to `rows`), the requested outputs
         under `out` and the tracked metrics."""
-        from ..evaluation.evaluate import evaluate_split
-        from ..reports import save_anomaly_scores, save_segmentation_images, write_category_report
+        from ..evaluation.runs import evaluate_category
 
-        row, pred = evaluate_split(model, split)
+        row, _ = evaluate_category(model, split, out, self.request, normal, track, writing, say)
         rows.append(row)
-        track.log_metrics(row, prefix=f"{split.name}/")
-        if self.save_reports:
-            with writing(out / "reports" / split.name) as folder:
-                files = write_category_report(model, split, pred, row, folder, normal=normal)
-            say(f"{split.name}: report {files['index']}")
-        if self.save_segmentation_images:
-            with writing(out / "segmentation" / split.name) as folder:
-                save_segmentation_images(model, split.test, pred, folder)
-        if self.save_anomaly_scores:
-            with writing(out / "scores" / f"{split.name}.csv") as path:
-                save_anomaly_scores(pred, path)
         return row
 
 
