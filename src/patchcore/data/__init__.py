@@ -10,8 +10,16 @@ from .layouts import (
     list_images,
     load_dataset,
 )
-from .loader import as_samples
 from .preprocess import Preprocessor
+
+
+def __getattr__(name: str):  # the loader imports torch: resolved on first use
+    if name == "as_samples":
+        from .loader import as_samples
+
+        return as_samples
+    raise AttributeError(f"module 'patchcore.data' has no attribute {name!r}")
+
 
 __all__ = [
     "MVTEC_CATEGORIES", "DatasetSplit", "Preprocessor", "Sample", "as_samples",

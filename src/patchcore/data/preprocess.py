@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
 from .images import MAX_ASPECT_RATIO, MAX_RESIZED_PIXELS, to_rgb
+from .resample import resize_bilinear, sample_bilinear
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: geometry and maps need only numpy
+    import torch
 
 MODES = ("crop", "square", "aspect", "tile")
 MIN_OVERLAP = 0.25  # aspect mode: share of a view shared with its neighbour, at least
@@ -71,8 +74,8 @@ class Preprocessor:
         self.mode = mode
         self.tile_size = tile_size or 2 * imagesize
         self.tile_stride = tile_stride or self.tile_size // 2
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     # -- geometry -------------------------------------------------------------------------------
 
@@ -183,11 +186,16 @@ class Preprocessor:
         return [img.crop(tuple(int(v) for v in box)).resize((s, s), Image.BILINEAR)
                 for box in self.boxes(img.size)]
 
+    def view_arrays(self, img: Image.Image, name: str | Path | None = None) -> np.ndarray:
+        """V x 3 x imagesize x imagesize normalised float32 arrays of the image's views."""
+        arrays = [np.asarray(v, dtype=np.float32) / 255.0 for v in self.view_images(img, name)]
+        return (np.stack(arrays).transpose(0, 3, 1, 2) - self.mean) / self.std
+
     def views(self, img: Image.Image, name: str | Path | None = None) -> torch.Tensor:
         """V x 3 x imagesize x imagesize normalised tensors of the image's views."""
-        arrays = [np.asarray(v, dtype=np.float32) / 255.0 for v in self.view_images(img, name)]
-        tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return (tensor - self.mean) / self.std
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(self.view_arrays(img, name)))
 
     def image(self, img: Image.Image, name: str | Path | None = None) -> torch.Tensor:
         """The first view (3 x imagesize x imagesize): the only one in crop and square modes."""
@@ -195,6 +203,8 @@ class Preprocessor:
 
     def mask(self, mask: np.ndarray, name: str | Path | None = None) -> torch.Tensor:
         """H x W bool mask -> its first view, imagesize x imagesize bool (nearest neighbour)."""
+        import torch
+
         size = (mask.shape[1], mask.shape[0])
         self.check_size(size, name if name is not None else "a mask")
         img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
@@ -223,16 +233,13 @@ class Preprocessor:
         if self.mode == "crop":
             rw, rh = self.resized_size(size)
             left, top, right, bottom = self.crop_box(size)
-            t = torch.from_numpy(np.ascontiguousarray(maps[0]))[None, None]
-            t = F.pad(t, (left, rw - right, top, rh - bottom), mode="replicate")
-            t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
-            return t[0, 0].numpy()
+            padded = np.pad(maps[0], ((top, rh - bottom), (left, rw - right)), mode="edge")
+            return resize_bilinear(padded, (h, w))
         boxes = self.boxes(size)
         if len(boxes) != len(maps):
             raise DataError(f"{len(maps)} view maps for an image with {len(boxes)} views")
         if len(boxes) == 1 and tuple(boxes[0]) == (0.0, 0.0, float(w), float(h)):
-            t = torch.from_numpy(np.ascontiguousarray(maps[0]))[None, None]
-            return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+            return resize_bilinear(maps[0], (h, w))
         total = np.zeros((h, w), dtype=np.float64)
         count = np.zeros((h, w), dtype=np.float64)
         for view, (left, top, right, bottom) in zip(maps, boxes, strict=True):
@@ -241,10 +248,7 @@ class Preprocessor:
             xs = (np.arange(x0, x1) + 0.5 - left) / (right - left) * 2 - 1
             ys = (np.arange(y0, y1) + 0.5 - top) / (bottom - top) * 2 - 1
             inside_x, inside_y = np.abs(xs) <= 1, np.abs(ys) <= 1
-            grid = torch.from_numpy(np.stack(np.meshgrid(xs, ys), axis=-1)).float()[None]
-            t = torch.from_numpy(np.ascontiguousarray(view))[None, None]
-            sampled = F.grid_sample(t, grid, mode="bilinear", padding_mode="border",
-                                    align_corners=False)[0, 0].numpy()
+            sampled = sample_bilinear(view, xs, ys)
             weight = np.outer(inside_y, inside_x)
             total[y0:y1, x0:x1] += sampled * weight
             count[y0:y1, x0:x1] += weight

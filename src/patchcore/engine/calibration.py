@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFileError
-from ..evaluation import metrics
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +134,8 @@ def calibrate(
     pick the threshold from the normal scores alone (a production rule), even when anomalous
     images are present. Pixel thresholds likewise use masks when present.
     """
+    from ..evaluation import metrics  # scipy and scikit-learn: not needed to apply a calibration
+
     scores = np.asarray(scores, dtype=np.float32)
     labels = np.asarray(labels).clip(min=0)
     normal = labels == 0
