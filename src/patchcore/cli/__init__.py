@@ -7,6 +7,7 @@ on `app`).
 """
 
 from . import commands  # noqa: F401  (registers the commands on `app`)
+from . import download  # noqa: F401  (`patchcore download`)
 from .shell import app, main
 
 __all__ = ["app", "main"]
