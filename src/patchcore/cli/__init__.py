@@ -8,6 +8,7 @@ on `app`).
 
 from . import commands  # noqa: F401  (registers the commands on `app`)
 from . import download  # noqa: F401  (`patchcore download`)
+from .export import export as export_command  # noqa: F401  (`patchcore export`)
 from .shell import app, main
 
 __all__ = ["app", "main"]

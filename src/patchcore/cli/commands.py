@@ -117,13 +117,17 @@ def evaluate(results: Path, data: Path, output: Path | None, data_opts: DataOpti
 def predict(model_dir: Path, images: tuple[str, ...], output: Path, overwrite: bool,
             settings: RuntimeSettings) -> None:
     """Score IMAGES (files, folders or glob patterns) with the model folder MODEL: raw and
-    calibrated score, label, anomaly map and overlay per image."""
+    calibrated score, label, anomaly map and overlay per image. MODEL may be an export folder
+    (`patchcore export`): then the torch-free inferencer scores."""
+    from ..inference import Inferencer, is_export_folder
     from ..model import PatchCore
     from ..reports.predictions import PredictionWriter, collect_images
 
     files = collect_images(images)
     with PredictionWriter(output, files, overwrite=overwrite) as writer:
-        model = PatchCore.load(model_dir, **dataclasses.asdict(settings))
+        model = (Inferencer(model_dir, batch_size=settings.batch_size)
+                 if is_export_folder(model_dir)
+                 else PatchCore.load(model_dir, **dataclasses.asdict(settings)))
         rows = writer.write(model.predict(files), model.calibration_)
     for r in rows:
         calibrated = "-" if r["calibrated_score"] is None else f"{r['calibrated_score']:.3f}"

@@ -1,0 +1,165 @@
+"""Exact nearest-neighbour search and PatchCore scoring in numpy, within a memory budget.
+
+The same scores as the torch path (`engine.scoring` with an exact faiss index): patch score =
+mean distance to the k nearest bank rows, image score = the largest patch score (optionally
+reweighted by Eq. 7), ensemble members z-normalised and averaged, maps upsampled bilinearly and
+blurred. The query x bank distance matrix is computed in blocks of at most `budget_mb`, so
+scoring against any bank needs the bank plus a fixed amount of memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import PatchCoreConfig
+from ..data.resample import gaussian_blur, resize_bilinear
+
+DEFAULT_BUDGET_MB = 64.0
+
+
+@dataclass
+class Bank:
+    """One member's bank rows (float32 or float16) with what search needs precomputed."""
+
+    rows: np.ndarray  # M x D
+    distance: str = "euclidean"
+    norm: tuple[float, float] | None = None  # ensemble (mean, std)
+
+    def __post_init__(self) -> None:
+        self.sq_norms = np.zeros(len(self.rows), dtype=np.float32)
+        self.scale = np.ones(len(self.rows), dtype=np.float32)  # 1 / ||row|| for cosine
+        for a, b in _blocks(len(self.rows), 65536):
+            block = self.rows[a:b].astype(np.float32)
+            sq = np.einsum("ij,ij->i", block, block)
+            self.sq_norms[a:b] = sq
+            if self.distance == "cosine":
+                self.scale[a:b] = 1.0 / np.maximum(np.sqrt(sq), 1e-12)
+
+
+def _blocks(n: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, n)) for a in range(0, n, max(1, step))]
+
+
+def _exact_distances(queries: np.ndarray, bank: Bank, idx: np.ndarray) -> np.ndarray:
+    """Distances (Q x k) of queries to the bank rows idx (Q x k), recomputed in float64."""
+    q = queries.astype(np.float64)
+    rows = bank.rows[idx].astype(np.float64)  # Q x k x D
+    if bank.distance == "cosine":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12)
+        return (1.0 - np.einsum("qkd,qd->qk", rows, q)).astype(np.float32)
+    return np.sqrt(((rows - q[:, None, :]) ** 2).sum(axis=2)).astype(np.float32)
+
+
+def knn(queries: np.ndarray, bank: Bank, k: int = 1, budget_mb: float = DEFAULT_BUDGET_MB
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices (Q x k, nearest first) of each query's k nearest bank rows.
+
+    Exact search over blocks: no distance block holds more than `budget_mb` of float32, so
+    peak memory is the bank plus about 3 x budget_mb (block, partition, casted bank rows).
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(bank.rows)
+    k = min(k, n)
+    budget = max(int(budget_mb * 2**20) // 4, 1024)  # float32 entries per distance block
+    q_step = max(1, min(len(q), budget // 1024))
+    b_step = max(k, min(budget // q_step, budget // max(q.shape[1], 1)))
+    best_d = np.full((len(q), k), np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), k), dtype=np.int64)
+    cosine = bank.distance == "cosine"
+    for qa, qb in _blocks(len(q), q_step):
+        qs = q[qa:qb]
+        if cosine:
+            qs = qs / np.maximum(np.linalg.norm(qs, axis=1, keepdims=True), 1e-12)
+        q_sq = np.einsum("ij,ij->i", qs, qs)[:, None]
+        cand_d, cand_i = best_d[qa:qb], best_i[qa:qb]
+        for ba, bb in _blocks(n, b_step):
+            rows = bank.rows[ba:bb].astype(np.float32, copy=False)
+            ip = qs @ rows.T
+            if cosine:
+                d = 1.0 - ip * bank.scale[ba:bb][None, :]
+            else:
+                d = ip
+                d *= -2.0
+                d += q_sq
+                d += bank.sq_norms[ba:bb][None, :]
+            if k == 1:
+                part = d.argmin(axis=1)[:, None]
+            elif d.shape[1] > k:
+                part = np.argpartition(d, k - 1, axis=1)[:, :k]
+            else:
+                part = np.broadcast_to(np.arange(d.shape[1]), (len(d), d.shape[1]))
+            dk = np.take_along_axis(d, part, axis=1)
+            both_d = np.concatenate([cand_d, dk], axis=1)
+            both_i = np.concatenate([cand_i, part + ba], axis=1)
+            keep = np.argsort(both_d, axis=1, kind="stable")[:, :k]
+            cand_d = np.take_along_axis(both_d, keep, axis=1)
+            cand_i = np.take_along_axis(both_i, keep, axis=1)
+        exact = _exact_distances(q[qa:qb], bank, cand_i)
+        order = np.argsort(exact, axis=1, kind="stable")
+        best_d[qa:qb] = np.take_along_axis(exact, order, axis=1)
+        best_i[qa:qb] = np.take_along_axis(cand_i, order, axis=1)
+    return best_d, best_i
+
+
+def member_scores(features: np.ndarray, bank: Bank, config: PatchCoreConfig,
+                  budget_mb: float = DEFAULT_BUDGET_MB
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patch scores (V x h x w), nearest rows (V x h x w) and view scores (V) of one member's
+    patch features (V x h x w x D)."""
+    v, h, w, d = features.shape
+    flat = features.reshape(-1, d)
+    dist, idx = knn(flat, bank, config.anomaly_scorer_num_nn, budget_mb)
+    scores = dist.mean(axis=1).reshape(v, h, w)
+    nearest = idx[:, 0].reshape(v, h, w)
+    per_view = scores.reshape(v, -1)
+    best = per_view.argmax(axis=1)
+    s_star = per_view[np.arange(v), best]
+    if not config.reweight:
+        return scores, nearest, s_star.astype(np.float32)
+    # Eq. 7: s* scaled by 1 - exp(s*) / sum over the b bank neighbours of m* of exp(distance).
+    m_test = features.reshape(v, -1, d)[np.arange(v), best].astype(np.float32)
+    m_star = bank.rows[nearest.reshape(v, -1)[np.arange(v), best]].astype(np.float32)
+    _, neigh = knn(m_star, bank, config.reweight_neighbourhood, budget_mb)
+    dists = np.linalg.norm(bank.rows[neigh].astype(np.float32) - m_test[:, None, :], axis=2)
+    weight = 1.0 - 1.0 / np.exp(dists - s_star[:, None]).sum(axis=1)
+    return scores, nearest, (weight * s_star).astype(np.float32)
+
+
+def score_views(features: Sequence[np.ndarray], banks: Sequence[Bank], config: PatchCoreConfig,
+                budget_mb: float = DEFAULT_BUDGET_MB
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """View scores (V), maps (V x S x S), first member's patch scores and nearest rows, from
+    every member's features of the same V views (ensembles: z-scores averaged)."""
+    ensemble = len(banks) > 1
+    total: np.ndarray | None = None
+    first: tuple[np.ndarray, np.ndarray] | None = None
+    view_total = np.zeros(len(features[0]), dtype=np.float32)
+    for feats, bank in zip(features, banks, strict=True):
+        ps, nearest, img = member_scores(feats, bank, config, budget_mb)
+        if ensemble:
+            assert bank.norm is not None
+            mu, sd = bank.norm
+            ps, img = (ps - mu) / sd, (img - mu) / sd
+        if first is None:
+            first = (ps, nearest)
+            total = np.zeros_like(ps)
+        assert total is not None
+        if total.shape != ps.shape:
+            ps = resize_bilinear(ps, total.shape[1:])
+        total += ps / len(banks)
+        view_total += img / len(banks)
+    assert total is not None and first is not None
+    maps = resize_bilinear(total, (config.imagesize, config.imagesize))
+    if config.blur_sigma > 0:
+        maps = gaussian_blur(maps, config.blur_sigma)
+    return view_total, maps, first[0], first[1]
+
+
+def image_scores_from_views(view_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Each image's score: the largest score among its views (`counts` views per image)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return np.maximum.reduceat(np.asarray(view_scores, dtype=np.float32), starts)
