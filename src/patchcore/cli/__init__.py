@@ -7,8 +7,9 @@ on `app`).
 """
 
 from . import commands  # noqa: F401  (registers the commands on `app`)
-from . import download  # noqa: F401  (`patchcore download`)
+from .download import download as download_command  # noqa: F401  (`patchcore download`)
 from .export import export as export_command  # noqa: F401  (`patchcore export`)
+from .interop import import_pci as import_pci_command  # noqa: F401  (`patchcore import-pci`)
 from .shell import app, main
 
 __all__ = ["app", "main"]
