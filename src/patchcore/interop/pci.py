@@ -89,14 +89,14 @@ def read_plain_pickle(path: Path) -> Any:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise PciImportError(f"{path} is missing; is {path.parent} a patchcore-inspection model "
-                           "folder?") from None
+                             "folder?") from None
     try:
         return _PlainUnpickler(io.BytesIO(raw)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
             MemoryError, RecursionError, struct.error, UnicodeDecodeError) as exc:
         raise PciImportError(f"refusing {path}: {exc}; only plain values (dicts, lists, strings, "
-                           "numbers) are read from a parameter pickle, nothing is executed"
-                           ) from None
+                             "numbers) are read from a parameter pickle, nothing is executed"
+                             ) from None
 
 
 def _need(params: dict, key: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -152,19 +152,19 @@ def read_bank(path: Path) -> np.ndarray:
             head = fh.read(_FLAT_HEADER.size)
     except FileNotFoundError:
         raise PciImportError(f"{path} is missing; is {path.parent} a patchcore-inspection model "
-                           "folder?") from None
+                             "folder?") from None
     if len(head) < _FLAT_HEADER.size:
         raise PciImportError(f"{path} is too short to be a faiss index")
     fourcc, d, ntotal, _, _, _, metric, n_values = _FLAT_HEADER.unpack(head)
     if fourcc != _FLAT_L2:
         kind = fourcc.decode("ascii", "replace")
         raise PciImportError(f"{path} is a faiss index of type {kind!r}, not the exact flat L2 "
-                           "index (IxF2) patchcore-inspection writes by default; approximate "
-                           "indexes keep compressed rows, from which the bank cannot be rebuilt")
+                             "index (IxF2) patchcore-inspection writes by default; approximate "
+                             "indexes keep compressed rows, from which the bank cannot be rebuilt")
     if (d < 1 or ntotal < 1 or metric != 1 or n_values != d * ntotal
             or size != _FLAT_HEADER.size + 4 * d * ntotal or size > MAX_INDEX_BYTES):
         raise PciImportError(f"{path} is damaged: its header (d={d}, rows={ntotal}) does not "
-                           f"match its size of {size} bytes")
+                             f"match its size of {size} bytes")
     import faiss
 
     index = faiss.read_index(str(path))
@@ -179,13 +179,13 @@ def find_member(folder: Path, member: int | None) -> tuple[str, int]:
                    if (m := _ENSEMBLE.match(p.name)))
     if not found:
         raise PciImportError(f"{folder} holds no {PARAMS_FILE}; pass a patchcore-inspection "
-                           "model folder (e.g. .../models/mvtec_bottle)")
+                             "model folder (e.g. .../models/mvtec_bottle)")
     n = found[0][1]
     if member is None:
         raise PciImportError(f"{folder} holds an ensemble of {n} models; patchcore-inspection "
-                           "combines their scores with min-max normalisation over the test set, "
-                           "which a single-image model cannot reproduce: import one member with "
-                           f"--member 1..{n}")
+                             "combines their scores with min-max normalisation over the test set, "
+                             "which a single-image model cannot reproduce: import one member with "
+                             f"--member 1..{n}")
     if (member, n) not in found:
         raise PciImportError(f"{folder} has no ensemble member {member} (members 1..{n})")
     return f"Ensemble-{member}-{n}_", n
@@ -210,11 +210,12 @@ def convert(folder: str | Path, *, member: int | None = None, backbone: str | No
     ours = backbone or BACKBONES.get(params.backbone)
     if ours is None:
         raise PciImportError(f"patchcore-inspection backbone {params.backbone!r} has no known "
-                           f"counterpart here (known: {', '.join(sorted(BACKBONES))}); name the "
-                           "registry entry with the same architecture and weights with --backbone")
+                             f"counterpart here (known: {', '.join(sorted(BACKBONES))}); name the "
+                             "registry entry with the same architecture and weights with "
+                             "--backbone")
     if bank.shape[1] != params.target_embed_dimension:
         raise PciImportError(f"{folder}: the bank has {bank.shape[1]} values per row but "
-                           f"target_embed_dimension is {params.target_embed_dimension}")
+                             f"target_embed_dimension is {params.target_embed_dimension}")
     size = params.imagesize
     try:
         config = PatchCoreConfig(
@@ -230,7 +231,7 @@ def convert(folder: str | Path, *, member: int | None = None, backbone: str | No
         raise PciImportError(f"{folder}: {exc}") from None
     if params.num_nn > len(bank):
         raise PciImportError(f"{folder}: anomaly_scorer_num_nn={params.num_nn} exceeds the "
-                           f"{len(bank)} bank rows")
+                             f"{len(bank)} bank rows")
     grid = _feature_grid(config)
     # No provenance survives in a faiss index: every row points at "image 0, cell (0, 0)" of an
     # empty training list, which storage accepts and `explain` reports as unknown.
