@@ -7,11 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench mutation clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[dev]"
+# scripts/install.sh is shared with the Dockerfiles, so a broken install step fails CI too.
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh full $(VENV) dev
 	touch $(STAMP)
 
 install: $(STAMP)
