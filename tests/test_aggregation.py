@@ -16,11 +16,16 @@ def test_native_aggregation_equals_pool_resize_concat():
                           aggregation="native")
     x = torch.randn(2, 3, 64, 64)
     ours = ex(x).numpy()
-    # Independent reference: the layers from torchvision's own modules, then pool/resize/concat.
+    assert ex.folded_norms > 0  # the default extractor runs with its batch norms folded
+    # Independent reference: the layers from torchvision's own modules (the same weights,
+    # batch norms as they are), then pool/resize/concat.
     import torchvision
 
+    torch.manual_seed(0)
+    plain = FeatureExtractor("resnet18", ("layer2", "layer3"), pretrained=False, imagesize=64,
+                             aggregation="native", fold_norms=False)
     net = torchvision.models.resnet18()
-    net.load_state_dict(ex.backbone.state_dict())
+    net.load_state_dict(plain.backbone.state_dict())
     net.eval()
     with torch.inference_mode():
         h = net.maxpool(net.relu(net.bn1(net.conv1(x.contiguous()))))
