@@ -44,9 +44,10 @@ def _blocks(n: int, step: int) -> list[tuple[int, int]]:
 
 
 def _exact_distances(queries: np.ndarray, bank: Bank, idx: np.ndarray) -> np.ndarray:
-    """Distances (Q x k) of queries to the bank rows idx (Q x k), recomputed in float64."""
-    q = queries.astype(np.float64)
-    rows = bank.rows[idx].astype(np.float64)  # Q x k x D
+    """Distances (Q x k) of queries to the bank rows idx (Q x k), recomputed from differences
+    (no |q|^2 + |b|^2 - 2 q.b cancellation for near neighbours)."""
+    q = queries.astype(np.float32)
+    rows = bank.rows[idx].astype(np.float32)  # Q x k x D
     if bank.distance == "cosine":
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         rows = rows / np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12)
