@@ -49,8 +49,10 @@ def light_venv() -> Path:
     if stamp.is_file() and stamp.read_text() == digest.hexdigest():
         return venv
     shutil.rmtree(venv, ignore_errors=True)
-    env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(INSTALL), "light", str(venv)], capture_output=True,
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # "-": into $PYTHON's environment, exactly as Dockerfile.inference runs it.
+    env = {**os.environ, "PYTHON": str(venv / "bin" / "python"), "PATCHCORE_EDITABLE": "0"}
+    proc = subprocess.run(["bash", str(INSTALL), "light", "-"], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"scripts/install.sh light failed:\n{proc.stderr[-2000:]}"
     stamp.write_text(digest.hexdigest())
@@ -77,3 +79,22 @@ def test_light_install_has_no_torch_and_reproduces_the_model(fitted, split, tmp_
     # torch really is absent: importing it fails in that interpreter.
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, timeout=60)
     assert probe.returncode != 0
+
+
+def test_dockerfiles_install_with_the_ci_script_and_run_unprivileged():
+    """No Docker daemon in CI: the images must at least use the install CI runs (make install:
+    `install.sh full`; the light venv above: `install.sh light -`) and copy files that exist."""
+    assert "scripts/install.sh full" in (ROOT / "Makefile").read_text()
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    for name, mode in (("Dockerfile", "full"), ("Dockerfile.inference", "light")):
+        text = (ROOT / name).read_text()
+        assert f"bash scripts/install.sh {mode} -" in text
+        assert text.startswith("#") and "FROM python:3.11-slim" in text
+        copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+        for source in (s for c in copies for s in c):
+            assert (ROOT / source).exists(), f"{name} copies missing {source}"
+            assert f"!{source}" in ignore or f"!{source}/" in ignore, source
+        assert "\nUSER patchcore\n" in text and "useradd" in text and "HEALTHCHECK" in text
+    service = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["patchcore", "serve"]' in service and "/healthz" in service
+    assert '"patchcore.inference", "/model"' in (ROOT / "Dockerfile.inference").read_text()
