@@ -131,3 +131,24 @@ def test_anomaly_maps_equal_an_independent_bilinear_upsampling(sigma, grid):
     zoomed = ndi.zoom(scores[0].astype(np.float64), (size / h, size / w), order=1,
                       grid_mode=True, mode="nearest")
     np.testing.assert_allclose(rows @ scores[0] @ cols.T, zoomed, atol=1e-6)
+
+
+def test_search_threads_cover_the_blas_inside_faiss():
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    from patchcore.engine.index import set_search_threads
+
+    def faiss_blas_threads():
+        return {i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas" and "faiss" in i["filepath"]}
+
+    before = faiss.omp_get_max_threads()
+    try:
+        set_search_threads(1)
+        assert faiss.omp_get_max_threads() == 1
+        assert faiss_blas_threads() in ({1}, set())  # set(): a faiss build without its own BLAS
+        set_search_threads(2)
+        assert faiss.omp_get_max_threads() == 2 and faiss_blas_threads() in ({2}, set())
+    finally:
+        set_search_threads(before)

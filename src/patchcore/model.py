@@ -29,6 +29,7 @@ from .engine.calibration import (
     normalise,
 )
 from .engine.features import resolve_device
+from .engine.index import set_search_threads
 from .engine.pipeline import Member
 from .errors import ConfigError, DataError, NotFittedError
 from .prediction import Prediction
@@ -96,9 +97,7 @@ class PatchCore:
         for member in self.members_:
             pipeline.make_extractor(member, self.config, self.device)
         if self.device.type == "cpu":
-            import faiss
-
-            faiss.omp_set_num_threads(torch.get_num_threads())
+            set_search_threads(torch.get_num_threads())
         return self.members_
 
     def training_view(self, v: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ is why it is hand-written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -252,11 +253,21 @@ class FeatureExtractor(nn.Module):
         """Length of one patch embedding."""
         return self.target_dim
 
+    def _full_precision(self) -> contextlib.AbstractContextManager:
+        """On CUDA, convolutions in full fp32 (cuDNN would use TF32 by default, which changed
+        image AUROC by up to 0.04 against the CPU on a 40-image magnetic_tile test set)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                           deterministic=cudnn.deterministic, allow_tf32=False)
+
     @torch.inference_mode()
     def backbone_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's output grids (B x C x h x w, float32) at each layer, for normalised
         images."""
-        return self._layer_grids(images.to(self.device, non_blocking=True))
+        with self._full_precision():
+            return self._layer_grids(images.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def project(self, grids: list[torch.Tensor]) -> torch.Tensor:
@@ -265,10 +276,11 @@ class FeatureExtractor(nn.Module):
         out = torch.zeros(grids[0].shape[0], self.target_dim, h, w, device=self.device)
         pad = (self.patchsize - 1) // 2
         for i, (grid, proj) in enumerate(zip(grids, self._proj, strict=True)):
-            y = F.conv2d(
-                grid, getattr(self, f"proj_weight_{i}"), stride=self.patchstride, padding=pad,
-                groups=proj.groups,
-            )
+            with self._full_precision():
+                y = F.conv2d(
+                    grid, getattr(self, f"proj_weight_{i}"), stride=self.patchstride,
+                    padding=pad, groups=proj.groups,
+                )
             if y.shape[-2:] != (h, w):
                 y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
             out[:, proj.start : proj.stop] += y
