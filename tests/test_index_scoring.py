@@ -152,3 +152,57 @@ def test_search_threads_cover_the_blas_inside_faiss():
         assert faiss.omp_get_max_threads() == 2 and faiss_blas_threads() in ({2}, set())
     finally:
         set_search_threads(before)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exact_search_equals_faiss_flat_and_float64(seed):
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(8, 3000)), int(rng.integers(1, 200))
+    bank = np.abs(rng.standard_normal((n, d))).astype(np.float32) * 10
+    if seed % 3 == 0:  # exact ties: the second half repeats the first
+        bank[n - n // 2 :] = bank[: n // 2]
+    queries = np.concatenate([np.abs(rng.standard_normal((50, d))) * 10, bank[:5]]
+                             ).astype(np.float32)
+    k = int(rng.integers(1, 5))
+    exclude = (int(rng.integers(0, n // 3)), int(rng.integers(n // 3, n // 2))) if seed % 2 \
+        else None
+    dist, idx = NearestNeighbourIndex("euclidean").add(bank).search(queries, k, exclude)
+    flat = faiss.IndexFlatL2(d)
+    flat.add(bank)
+    params = None if exclude is None else faiss.SearchParameters(
+        sel=faiss.IDSelectorNot(faiss.IDSelectorRange(*exclude)))
+    ref_sq, _ = flat.search(queries, k, params=params)
+    np.testing.assert_allclose(dist, np.sqrt(np.maximum(ref_sq, 0)), rtol=1e-4, atol=1e-2)
+    # Float64 brute force: the same distances, and the very same rows wherever neighbouring
+    # distances are not (near-)ties; among tied rows any may come back, at the tied distance.
+    exact = ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2
+             ).sum(-1)
+    if exclude is not None:
+        exact[:, exclude[0] : exclude[1]] = np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(n), exact.shape), exact), axis=1)
+    ref = np.take_along_axis(exact, order[:, : k + 1], 1)
+    np.testing.assert_allclose(dist ** 2, ref[:, :k], rtol=1e-5, atol=1e-4)
+    assert (dist[-5:, 0] == 0).all() or exclude is not None  # bank rows find themselves
+    np.testing.assert_allclose(np.take_along_axis(exact, idx, 1), ref[:, :k], rtol=1e-5,
+                               atol=1e-4)
+    gaps = np.diff(ref, axis=1)
+    clear = gaps > 1e-3 * np.maximum(ref[:, 1:], 1)
+    for i in range(len(queries)):
+        for j in range(k):
+            if clear[i, j] and (j == 0 or clear[i, j - 1]):
+                assert idx[i, j] == order[i, j], (i, j)
+
+
+def test_exact_search_chunks_give_the_same_result(monkeypatch):
+    from patchcore.engine.index import ExactSearch
+
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((300, 16)).astype(np.float32)
+    whole = NearestNeighbourIndex().add(bank).search(queries, 3)
+    monkeypatch.setattr(ExactSearch, "CHUNK_FLOATS", 500 * 7)  # 7 queries per chunk
+    chunked = NearestNeighbourIndex().add(bank).search(queries, 3)
+    np.testing.assert_array_equal(whole[1], chunked[1])
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)

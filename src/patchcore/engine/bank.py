@@ -75,6 +75,5 @@ def bank_index(
     features: np.ndarray, config: PatchCoreConfig, device: torch.device | str = "cpu"
 ) -> NearestNeighbourIndex:
     """The nearest-neighbour index over bank rows that scoring searches."""
-    index = NearestNeighbourIndex(config.distance, config.index,
-                                  use_gpu=torch.device(device).type == "cuda")
+    index = NearestNeighbourIndex(config.distance, config.index, device=device)
     return index.add(np.asarray(features, dtype=np.float32))

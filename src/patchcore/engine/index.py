@@ -1,4 +1,7 @@
-"""Nearest-neighbour search over the memory bank (faiss): `add(bank)`, `search(queries, k)`."""
+"""Nearest-neighbour search over the memory bank: `add(bank)`, `search(queries, k)`.
+
+The exact (flat) search is a chunked GEMM in torch; the approximate ones (IVF, HNSW) are faiss.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import logging
 
 import faiss
 import numpy as np
+import torch
 
 from ..errors import ConfigError
 
@@ -38,25 +42,99 @@ def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+class ExactSearch:
+    """Exact k-nearest-neighbour search over bank rows as chunked matrix products in torch.
+
+    Hand-written rather than faiss's IndexFlat because the search dominates predict once the
+    backbone is fast, and faiss's bundled BLAS made it slow on many-core hosts: on a 16-core
+    Xeon with 2 threads, 784 queries x 4,704 rows x 152-d took 64 ms in faiss and 6 ms here
+    (the same on 2 cores: 9.7 vs 9.4 ms for 7,840 x 168-d); on a GPU it runs on the GPU.
+    Rows are chosen by |q|^2 + |b|^2 - 2 q.b in float32 on mean-centred data (centring keeps
+    the cancellation error small), or by the inner product of L2-normalised rows for cosine;
+    the chosen rows' distances are then computed directly, so a query equal to a bank row gets
+    exactly 0. Of rows at exactly the same distance (duplicates) any one may be returned.
+    """
+
+    # Floats of one chunk's query x bank distance block (64 MiB).
+    CHUNK_FLOATS = 16 * 1024 * 1024
+
+    def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cosine = cosine
+        rows = torch.from_numpy(bank).to(self.device)
+        self.center = (torch.zeros_like(rows[0]) if cosine or not len(rows)
+                       else rows.double().mean(0).float())
+        self.bank = rows - self.center
+        self.norms = (self.bank * self.bank).sum(1)
+
+    def search(self, q: np.ndarray, k: int, exclude: tuple[int, int] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances (or inner products for cosine) and row indices, Q x k."""
+        n = len(self.bank)
+        queries = torch.from_numpy(q).to(self.device) - self.center
+        step = max(1, self.CHUNK_FLOATS // max(n, 1))
+        values, indices = [], []
+        with torch.inference_mode():
+            for a in range(0, len(queries), step):
+                block = queries[a : a + step]
+                if self.cosine:  # the largest inner product is the nearest: negate it
+                    score = -(block @ self.bank.T)
+                else:
+                    score = torch.addmm(self.norms, block, self.bank.T, beta=1, alpha=-2)
+                if exclude is not None:
+                    score[:, exclude[0] : exclude[1]] = float("inf")
+                idx = (score.argmin(1, keepdim=True) if k == 1
+                       else _smallest(score, k)[1])
+                rows = self.bank[idx]  # B x k x D
+                if self.cosine:
+                    val = -(rows * block[:, None, :]).sum(-1)
+                else:
+                    val = ((rows - block[:, None, :]) ** 2).sum(-1)
+                if k > 1:
+                    val, idx = _sort_pairs(val, idx)
+                values.append(-val if self.cosine else val)
+                indices.append(idx)
+        return (torch.cat(values).cpu().numpy(), torch.cat(indices).cpu().numpy())
+
+
+def _sort_pairs(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (value, index) pairs sorted by value, then index."""
+    order = torch.argsort(idx, dim=1, stable=True)
+    val, idx = val.gather(1, order), idx.gather(1, order)
+    order = torch.argsort(val, dim=1, stable=True)
+    return val.gather(1, order), idx.gather(1, order)
+
+
+def _smallest(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest values per row and their column indices, ties by lowest index."""
+    val, idx = torch.topk(score, k, dim=1, largest=False, sorted=True)
+    return _sort_pairs(val, idx)
+
+
 class NearestNeighbourIndex:
-    """Exact (flat) or approximate (IVF / HNSW) faiss index over bank rows.
+    """Exact (flat) or approximate (IVF / HNSW) index over bank rows.
 
     `search` returns euclidean distances, or cosine distances (1 - cosine similarity) when
-    `distance="cosine"`, together with bank row indices.
+    `distance="cosine"`, together with bank row indices. The exact search runs on `device`
+    (a CUDA device puts the bank on the GPU); the approximate ones are faiss on the CPU, or on
+    the GPU with a faiss GPU build.
     """
 
     def __init__(
-        self, distance: str = "euclidean", kind: str = "flat", use_gpu: bool = False,
-        nprobe: int = 16, hnsw_m: int = 32,
+        self, distance: str = "euclidean", kind: str = "flat",
+        device: torch.device | str = "cpu", nprobe: int = 16, hnsw_m: int = 32,
     ) -> None:
         if distance not in ("euclidean", "cosine"):
             raise ConfigError(f"unknown distance {distance!r}")
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ConfigError(f"unknown index kind {kind!r}: flat, ivf or hnsw")
         self.distance = distance
         self.kind = kind
-        self.use_gpu = use_gpu and _gpu_available()
+        self.device = torch.device(device)
+        self.use_gpu = self.device.type == "cuda" and _gpu_available()
         self.nprobe = nprobe
         self.hnsw_m = hnsw_m
-        self._index = None
+        self._index: ExactSearch | faiss.Index | None = None
         self.dim = 0
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
@@ -71,19 +149,18 @@ class NearestNeighbourIndex:
         x = self._prepare(bank)
         n, d = x.shape
         self.dim = d
+        if self.kind == "flat" or n < 4096:  # small banks: exact search is as fast
+            self._index = ExactSearch(x, self.distance == "cosine", self.device)
+            return self
         metric = faiss.METRIC_INNER_PRODUCT if self.distance == "cosine" else faiss.METRIC_L2
-        if self.kind == "flat" or n < 4096:
-            index = faiss.IndexFlat(d, metric)
-        elif self.kind == "ivf":
+        if self.kind == "ivf":
             nlist = int(max(16, min(4 * np.sqrt(n), n // 39)))
             index = faiss.IndexIVFFlat(faiss.IndexFlat(d, metric), d, nlist, metric)
             index.train(x)
             index.nprobe = self.nprobe
-        elif self.kind == "hnsw":
+        else:
             index = faiss.IndexHNSWFlat(d, self.hnsw_m, metric)
             index.hnsw.efSearch = 64
-        else:
-            raise ConfigError(f"unknown index kind {self.kind!r}")
         if self.use_gpu and self.kind != "hnsw":
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(x)
@@ -93,6 +170,8 @@ class NearestNeighbourIndex:
     @property
     def ntotal(self) -> int:
         """Number of indexed rows."""
+        if isinstance(self._index, ExactSearch):
+            return len(self._index.bank)
         return 0 if self._index is None else int(self._index.ntotal)
 
     def search(
@@ -100,28 +179,30 @@ class NearestNeighbourIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Distances and indices (both Q x k) of each query's k nearest bank rows.
 
-        `exclude` = (start, stop) leaves bank rows start..stop-1 out of the search (a faiss ID
-        selector: no extra memory, exact for the flat index).
+        `exclude` = (start, stop) leaves bank rows start..stop-1 out of the search (exact for
+        the flat index; a faiss ID selector for the approximate ones).
         """
         if self._index is None:
             raise ConfigError("search called before add")
         q = self._prepare(queries)
-        if exclude is None or exclude[0] >= exclude[1]:
+        if exclude is not None and exclude[0] >= exclude[1]:
+            exclude = None
+        if exclude is not None and self.ntotal - (exclude[1] - exclude[0]) < k:
+            raise ConfigError(f"{k} nearest rows requested but only "
+                              f"{self.ntotal - (exclude[1] - exclude[0])} remain outside "
+                              "the excluded ones")
+        if isinstance(self._index, ExactSearch):
+            scores, idx = self._index.search(q, k, exclude)
+        elif exclude is None:
             scores, idx = self._index.search(q, k)
         else:
-            if self.ntotal - (exclude[1] - exclude[0]) < k:
-                raise ConfigError(f"{k} nearest rows requested but only "
-                                  f"{self.ntotal - (exclude[1] - exclude[0])} remain outside "
-                                  "the excluded ones")
             sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(exclude[0]), int(exclude[1])))
             if self.use_gpu:
                 raise ConfigError("excluding bank rows needs a CPU index")
-            if self.kind == "ivf" and isinstance(self._index, faiss.IndexIVF):
+            if isinstance(self._index, faiss.IndexIVF):
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
-            elif self.kind == "hnsw" and isinstance(self._index, faiss.IndexHNSW):
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=64)
             else:
-                params = faiss.SearchParameters(sel=sel)
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=64)
             scores, idx = self._index.search(q, k, params=params)
         if self.distance == "cosine":
             dist = 1.0 - scores
