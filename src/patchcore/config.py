@@ -97,7 +97,8 @@ class PatchCoreConfig:
     reweight_neighbourhood: int = _f(3, "b in Eq. 7: bank neighbours of the nearest row.", lo=1,
                                      hi=1024)
     blur_sigma: float = _f(4.0, "Gaussian blur of anomaly maps, in pixels.", lo=0.0, hi=64.0)
-    index: str = _f("flat", "Nearest-neighbour index: flat (exact), ivf or hnsw (approximate, faiss).",
+    index: str = _f("flat",
+                    "Nearest-neighbour index: flat (exact), ivf or hnsw (faiss, approximate).",
                     choices=INDEX_TYPES)
     bank_dtype: str = _f("float32", "Memory-bank storage precision.", choices=BANK_DTYPES)
     backbone_dtype: str = _f(
