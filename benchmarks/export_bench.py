@@ -197,6 +197,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--bank-rows", type=int, default=50_000)
     parser.add_argument("--skip-fit", action="store_true", help="reuse the fitted model")
+    parser.add_argument("--phases", default="equality,speed,memory",
+                        help="comma-separated subset of equality,speed,memory")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="speed: rounds over all runtimes, best kept (a shared CPU's noise)")
     args = parser.parse_args()
     if args.worker:
         if args.runtime == "torch":  # the exported runtimes never import torch
@@ -215,10 +219,11 @@ def main() -> None:
     if not args.skip_fit:
         result["fit"] = spawn("fit", args)
         print("fit + export:", result["fit"])
+    phases = set(args.phases.split(","))
     _, labels = test_files(args)
     ref = None
-    equality = []
-    for rt in RUNTIMES:
+    equality, speed, memory = [], [], []
+    for rt in RUNTIMES if "equality" in phases else []:
         spawn("scores", args, rt)
         data = np.load(WORK / f"scores_{rt}.npz")
         if ref is None:
@@ -228,19 +233,31 @@ def main() -> None:
         equality.append({"runtime": rt, "images": len(labels),
                          "score_rel_err": f"{err_s:.1e}", "map_rel_err": f"{err_m:.1e}",
                          "image_auroc": round(float(roc_auc_score(labels, data["scores"])), 4)})
-    table("equality vs torch (magnetic_tile test set)", equality,
-          ["runtime", "images", "score_rel_err", "map_rel_err", "image_auroc"])
-    speed = [{"runtime": rt, **spawn("speed", args, rt)} for rt in RUNTIMES]
-    torch_ms = speed[0]["latency_ms"]
-    for row in speed:
-        row["speedup_b1"] = round(torch_ms / row["latency_ms"], 2)
-    table(f"speed ({args.threads} threads; shared CPU)", speed,
-          ["runtime", "latency_ms", "speedup_b1", "throughput_img_s", "peak_mb"])
-    bank_50k(args)
-    memory = [{"runtime": rt, **spawn("memory", args, rt)} for rt in RUNTIMES]
-    table(f"scoring 32 images with a {args.bank_rows:,}-row bank", memory,
-          ["runtime", "seconds_32", "peak_mb"])
+    if equality:
+        table("equality vs torch (magnetic_tile test set)", equality,
+              ["runtime", "images", "score_rel_err", "map_rel_err", "image_auroc"])
+    if "speed" in phases:
+        best: dict[str, dict] = {}
+        for _ in range(args.rounds):  # interleaved, so that a busy spell hits every runtime
+            for rt in RUNTIMES:
+                row = spawn("speed", args, rt)
+                old = best.setdefault(rt, row)
+                old["latency_ms"] = min(old["latency_ms"], row["latency_ms"])
+                old["throughput_img_s"] = max(old["throughput_img_s"], row["throughput_img_s"])
+                old["peak_mb"] = max(old["peak_mb"], row["peak_mb"])
+        speed = [{"runtime": rt, **best[rt]} for rt in RUNTIMES]
+        torch_ms = speed[0]["latency_ms"]
+        for row in speed:
+            row["speedup_b1"] = round(torch_ms / row["latency_ms"], 2)
+        table(f"speed ({args.threads} threads; shared CPU; best of {args.rounds} rounds)", speed,
+              ["runtime", "latency_ms", "speedup_b1", "throughput_img_s", "peak_mb"])
+    if "memory" in phases:
+        bank_50k(args)
+        memory = [{"runtime": rt, **spawn("memory", args, rt)} for rt in RUNTIMES]
+        table(f"scoring 32 images with a {args.bank_rows:,}-row bank", memory,
+              ["runtime", "seconds_32", "peak_mb"])
     result.update(equality=equality, speed=speed, memory=memory)
+    result["loadavg_after"] = os.getloadavg()
     (OUT / "export_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {OUT / 'export_bench.json'}")
 

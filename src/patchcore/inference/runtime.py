@@ -59,6 +59,9 @@ class GraphRunner:
                 # Idle pool threads must not spin: the numpy search runs right after each call
                 # and would share the cores with them (measured 4x slower scoring on 2 cores).
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                # No arena: activations are freed after each run instead of staying reserved
+                # on top of the search's memory (peak 1.19 -> 0.9 GB, batch 32, 50k-row bank).
+                options.enable_cpu_mem_arena = False
                 self.session = ort.InferenceSession(str(graph), options,
                                                     providers=["CPUExecutionProvider"])
                 self.input_name = self.session.get_inputs()[0].name

@@ -63,11 +63,11 @@ def knn(queries: np.ndarray, bank: Bank, k: int = 1, budget_mb: float = DEFAULT_
     peak memory is the bank plus about 3 x budget_mb (block, partition, casted bank rows).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    n = len(bank.rows)
+    n, dim = len(bank.rows), max(q.shape[1], 1)
     k = min(k, n)
     budget = max(int(budget_mb * 2**20) // 4, 1024)  # float32 entries per distance block
     q_step = max(1, min(len(q), budget // 1024))
-    b_step = max(k, min(budget // q_step, budget // max(q.shape[1], 1)))
+    b_step = max(k, min(budget // q_step, budget // dim))
     best_d = np.full((len(q), k), np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), k), dtype=np.int64)
     cosine = bank.distance == "cosine"
@@ -99,7 +99,8 @@ def knn(queries: np.ndarray, bank: Bank, k: int = 1, budget_mb: float = DEFAULT_
             keep = np.argsort(both_d, axis=1, kind="stable")[:, :k]
             cand_d = np.take_along_axis(both_d, keep, axis=1)
             cand_i = np.take_along_axis(both_i, keep, axis=1)
-        exact = _exact_distances(q[qa:qb], bank, cand_i)
+        exact = np.concatenate([_exact_distances(q[qa + a : qa + b], bank, cand_i[a:b])
+                                for a, b in _blocks(qb - qa, max(1, budget // (k * dim)))])
         order = np.argsort(exact, axis=1, kind="stable")
         best_d[qa:qb] = np.take_along_axis(exact, order, axis=1)
         best_i[qa:qb] = np.take_along_axis(cand_i, order, axis=1)
