@@ -31,6 +31,10 @@ from .options import (
 )
 from .shell import app, current_run, prepare_output, say, writing
 
+RAY = click.option("--ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                   help="Run on Ray (extra patchcore[ray]): the cluster at ADDRESS (\"auto\", "
+                   "HOST:6379, ray://HOST:10001); alone: $RAY_ADDRESS or a local instance.")
+
 
 @app.command()
 @click.argument("data", type=PATH)
@@ -42,12 +46,17 @@ from .shell import app, current_run, prepare_output, say, writing
 @tracking_options
 @hyperparameters
 @runtime_options
+@RAY
 def fit(data: Path, output: Path, data_opts: DataOptions, evaluate: bool, reports: ReportOptions,
-        tracking: TrackingOptions, config: PatchCoreConfig, settings: RuntimeSettings) -> None:
+        tracking: TrackingOptions, config: PatchCoreConfig, settings: RuntimeSettings,
+        ray: str | None = None) -> None:
     """Fit one model per category of DATA (a dataset root or one category folder) and save it
     under OUTPUT/models/<category>."""
     from ..evaluation.runs import fit_categories
 
+    if ray is not None:  # sharded fit on Ray, evaluation here (patchcore.distributed)
+        from ..distributed import categories_runner
+        fit_categories = categories_runner(ray)
     folders = data_opts.folders(data)
     out = tracking.folder(output)
     with tracking.start(out, "fit", {**config.to_dict(), **dataclasses.asdict(settings)}) as track:
@@ -114,8 +123,9 @@ def evaluate(results: Path, data: Path, output: Path | None, data_opts: DataOpti
 @click.option("--overwrite", is_flag=True, help="Replace the predictions of an earlier run in "
               "OUTPUT (only the files its predictions.json lists).")
 @runtime_options
+@RAY
 def predict(model_dir: Path, images: tuple[str, ...], output: Path, overwrite: bool,
-            settings: RuntimeSettings) -> None:
+            settings: RuntimeSettings, ray: str | None = None) -> None:
     """Score IMAGES (files, folders or glob patterns) with the model folder MODEL: raw and
     calibrated score, label, anomaly map and overlay per image. MODEL may be an export folder
     (`patchcore export`): then the torch-free inferencer scores."""
@@ -123,6 +133,10 @@ def predict(model_dir: Path, images: tuple[str, ...], output: Path, overwrite: b
     from ..model import PatchCore
     from ..reports.predictions import PredictionWriter, collect_images
 
+    if ray is not None:  # batch scoring on Ray Data, predictions.parquet/csv (distributed/)
+        from ..distributed import predict as ray_predict
+        return say(ray_predict(model_dir, images, output, address=ray or None, settings=settings,
+                               overwrite=overwrite).summary)
     files = collect_images(images)
     with PredictionWriter(output, files, overwrite=overwrite) as writer:
         model = (Inferencer(model_dir, batch_size=settings.batch_size)

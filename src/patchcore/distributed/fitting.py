@@ -192,8 +192,8 @@ def fit(
     seconds = time.perf_counter() - t0
     banks, info_members = [], []
     for m, shard_results, final in zip(members, results, finals, strict=True):
-        banks.append(MemoryBank(m.backbone, m.layers, final["rows"], final["views"],
-                                final["position"]))
+        banks.append(MemoryBank(m.backbone, m.layers, np.array(final["rows"]),  # writable
+                                np.array(final["views"]), np.array(final["position"])))
         info_members.append({
             "backbone": m.backbone, "layers": list(m.layers),
             "patches": int(sum(r["patches"] for r in shard_results)),
