@@ -8,7 +8,7 @@
 2. Equality: every test image scored by torch, onnxruntime, OpenVINO f32 (and OpenVINO bf16,
    precision hint only): max relative error of image scores and maps vs torch, image AUROC.
 3. Speed: latency at batch 1 (median over single-image predicts) and throughput at batch 32
-   (images/s), each runtime in a fresh process, with its peak memory (VmHWM).
+   (images/s), all runtimes in one process, interleaved image by image.
 4. Memory: scoring with a 50,000-row bank (the fitted rows tiled with noise), per runtime in a
    fresh process: VmHWM.
 
@@ -104,22 +104,30 @@ def work_scores(args: argparse.Namespace) -> dict:
 
 
 def work_speed(args: argparse.Namespace) -> dict:
+    """All runtimes in one process, interleaved image by image (rotating the order), so that a
+    busy spell on a shared CPU slows every runtime alike."""
     files, _ = test_files(args)
-    p1 = predictor(args.runtime, 1, args.threads)
-    p1.predict(files[:2])  # warm-up
-    times = []
-    for f in files[2 : 2 + args.repeats]:
-        t0 = time.perf_counter()
-        p1.predict([f])
-        times.append(time.perf_counter() - t0)
-    p32 = predictor(args.runtime, 32, args.threads)
-    batch = (files * 2)[:64]
-    p32.predict(batch[:32])  # warm-up
-    t0 = time.perf_counter()
-    p32.predict(batch)
-    throughput = len(batch) / (time.perf_counter() - t0)
-    return {"latency_ms": round(1000 * statistics.median(times), 1),
-            "throughput_img_s": round(throughput, 1), "peak_mb": round(vm_hwm_mb())}
+    b1 = {rt: predictor(rt, 1, args.threads) for rt in RUNTIMES}
+    b32 = {rt: predictor(rt, 32, args.threads) for rt in RUNTIMES}
+    for rt in RUNTIMES:  # warm-up
+        b1[rt].predict(files[:2])
+        b32[rt].predict(files[:32])
+    lat: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
+    for i, f in enumerate(files[2 : 2 + args.repeats]):
+        for rt in RUNTIMES[i % 4 :] + RUNTIMES[: i % 4]:
+            t0 = time.perf_counter()
+            b1[rt].predict([f])
+            lat[rt].append(time.perf_counter() - t0)
+    thr: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
+    batch = (files * 2)[:32]
+    for r in range(args.rounds):
+        for rt in RUNTIMES[r % 4 :] + RUNTIMES[: r % 4]:
+            t0 = time.perf_counter()
+            b32[rt].predict(batch)
+            thr[rt].append(len(batch) / (time.perf_counter() - t0))
+    return {rt: {"latency_ms": round(1000 * statistics.median(lat[rt]), 1),
+                 "latency_p90_ms": round(1000 * sorted(lat[rt])[int(0.9 * len(lat[rt]))], 1),
+                 "throughput_img_s": round(statistics.median(thr[rt]), 1)} for rt in RUNTIMES}
 
 
 def bank_50k(args: argparse.Namespace) -> None:
@@ -199,8 +207,7 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true", help="reuse the fitted model")
     parser.add_argument("--phases", default="equality,speed,memory",
                         help="comma-separated subset of equality,speed,memory")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="speed: rounds over all runtimes, best kept (a shared CPU's noise)")
+    parser.add_argument("--rounds", type=int, default=5, help="speed: timed batches of 32")
     args = parser.parse_args()
     if args.worker:
         if args.runtime == "torch":  # the exported runtimes never import torch
@@ -237,26 +244,24 @@ def main() -> None:
         table("equality vs torch (magnetic_tile test set)", equality,
               ["runtime", "images", "score_rel_err", "map_rel_err", "image_auroc"])
     if "speed" in phases:
-        best: dict[str, dict] = {}
-        for _ in range(args.rounds):  # interleaved, so that a busy spell hits every runtime
-            for rt in RUNTIMES:
-                row = spawn("speed", args, rt)
-                old = best.setdefault(rt, row)
-                old["latency_ms"] = min(old["latency_ms"], row["latency_ms"])
-                old["throughput_img_s"] = max(old["throughput_img_s"], row["throughput_img_s"])
-                old["peak_mb"] = max(old["peak_mb"], row["peak_mb"])
-        speed = [{"runtime": rt, **best[rt]} for rt in RUNTIMES]
+        measured = spawn("speed", args)
+        speed = [{"runtime": rt, **measured[rt]} for rt in RUNTIMES]
         torch_ms = speed[0]["latency_ms"]
         for row in speed:
             row["speedup_b1"] = round(torch_ms / row["latency_ms"], 2)
-        table(f"speed ({args.threads} threads; shared CPU; best of {args.rounds} rounds)", speed,
-              ["runtime", "latency_ms", "speedup_b1", "throughput_img_s", "peak_mb"])
+        table(f"speed ({args.threads} threads, one process, interleaved; shared CPU)", speed,
+              ["runtime", "latency_ms", "latency_p90_ms", "speedup_b1", "throughput_img_s"])
     if "memory" in phases:
         bank_50k(args)
         memory = [{"runtime": rt, **spawn("memory", args, rt)} for rt in RUNTIMES]
         table(f"scoring 32 images with a {args.bank_rows:,}-row bank", memory,
               ["runtime", "seconds_32", "peak_mb"])
-    result.update(equality=equality, speed=speed, memory=memory)
+    # Phases not run this time keep their last results (e.g. --skip-fit --phases speed).
+    previous = json.loads((OUT / "export_bench.json").read_text()) if (
+        OUT / "export_bench.json").is_file() else {}
+    for key, rows in (("fit", result.get("fit")), ("equality", equality), ("speed", speed),
+                      ("memory", memory)):
+        result[key] = rows or previous.get(key)
     result["loadavg_after"] = os.getloadavg()
     (OUT / "export_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {OUT / 'export_bench.json'}")
