@@ -6,6 +6,7 @@ The exact (flat) search is a chunked GEMM in torch; the approximate ones (IVF, H
 from __future__ import annotations
 
 import logging
+import warnings
 
 import faiss
 import numpy as np
@@ -61,7 +62,9 @@ class ExactSearch:
     def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cosine = cosine
-        rows = torch.from_numpy(bank).to(self.device)
+        with warnings.catch_warnings():  # a read-only bank (shared memory) is only read here
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            rows = torch.from_numpy(bank).to(self.device)
         self.center = (torch.zeros_like(rows[0]) if cosine or not len(rows)
                        else rows.double().mean(0).float())
         self.bank = rows - self.center
@@ -71,7 +74,9 @@ class ExactSearch:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (or inner products for cosine) and row indices, Q x k."""
         n = len(self.bank)
-        queries = torch.from_numpy(q).to(self.device) - self.center
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            queries = torch.from_numpy(q).to(self.device) - self.center
         step = max(1, self.CHUNK_FLOATS // max(n, 1))
         values, indices = [], []
         with torch.inference_mode():
