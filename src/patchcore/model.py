@@ -136,30 +136,12 @@ class PatchCore:
         leave-one-image-out scores of the training images (every image stays in the bank), or,
         with `calibration_holdout` > 0, from that share of the images held out of the bank.
         """
-        if self.config.preprocess == "tile":
-            # The default tile follows imagesize; record it, so that evaluating at another
-            # imagesize keeps the fitted tiles.
-            pre = self.preprocessor
-            self.config = self.config.replace(tile_size=pre.tile_size,
-                                              tile_stride=pre.tile_stride)
+        self.config = pipeline.with_fitted_tiles(self.config)
         c = self.config
-        if isinstance(train, (str, Path)) and Path(train).is_dir():
-            train = load_dataset(train)
-        if isinstance(train, DatasetSplit):
-            val = train.val if val is None else val
-            train = train.train
-        train_samples = as_samples(train)
-        val_samples = as_samples(val) if val is not None else []
-        if not train_samples:
-            raise DataError("no training images were given")
-        if not val_samples:
-            train_samples, val_samples = holdout_split(train_samples, c.calibration_holdout,
-                                                       c.seed)
-            if val_samples:
-                log.info("holding out %d training images for calibration", len(val_samples))
+        train_samples, val_samples = training_samples(train, val, c)
         torch.manual_seed(c.seed)
         self.members_ = pipeline.parse_members(c.backbone, c.layers)
-        self.train_root_, self.train_paths_ = _relative_paths(train_samples)
+        self.train_root_, self.train_paths_ = relative_paths(train_samples)
         info: dict[str, Any] = {"train_images": len(train_samples),
                                 "calibration_images": len(val_samples), "members": []}
         sizes: list[tuple[int, int]] = []
@@ -171,13 +153,22 @@ class PatchCore:
         self.feature_grid_ = self.members_[0].extractor.feature_grid
         pipeline.set_ensemble_norms(self.members_, c.seed)
         self.fit_info_ = info
+        self.calibrate_from(train_samples, val_samples)
+        return self
+
+    def calibrate_from(self, train_samples: Sequence[Sample], val_samples: Sequence[Sample]
+                       ) -> None:
+        """Thresholds as `fit` sets them: from validation images when there are any, else from
+        leave-one-image-out scores of the training images (all of them in the bank); too few
+        images leave the model uncalibrated (labels -1)."""
+        c = self.config
         self.calibration_ = Calibration()
         self.calibration_prediction_ = None
         if val_samples:
             self.calibrate(val_samples, threshold_fpr=c.threshold_fpr,
                            threshold_percentile=c.threshold_percentile)
         elif len(train_samples) >= MIN_CALIBRATION_IMAGES:
-            scores, maps = pipeline.leave_one_out(self.members_, train_samples, c,
+            scores, maps = pipeline.leave_one_out(self._ready(), train_samples, c,
                                                   self.settings, self.train_sizes_)
             self.calibration_ = calibrate(scores, maps, np.zeros(len(scores), dtype=int), None,
                                           c.threshold_fpr, c.threshold_percentile, c.seed)
@@ -187,7 +178,6 @@ class PatchCore:
             log.warning("%d training image(s) and no validation set: too few to calibrate a "
                         "threshold; predictions will be labelled 'uncalibrated'",
                         len(train_samples))
-        return self
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -338,7 +328,30 @@ class PatchCore:
         return cls.from_state(load_state(Path(path)), **runtime)
 
 
-def _relative_paths(samples: Sequence[Sample]) -> tuple[str | None, list[str]]:
+def training_samples(
+    train: DatasetSplit | str | Path | Iterable[str | Path | Sample],
+    val: Iterable[str | Path | Sample] | None, config: PatchCoreConfig,
+) -> tuple[list[Sample], list[Sample]]:
+    """(bank images, calibration images) as `PatchCore.fit` takes them from its arguments: a
+    split's validation images, or a `calibration_holdout` share of the training images."""
+    if isinstance(train, (str, Path)) and Path(train).is_dir():
+        train = load_dataset(train)
+    if isinstance(train, DatasetSplit):
+        val = train.val if val is None else val
+        train = train.train
+    train_samples = as_samples(train)
+    val_samples = as_samples(val) if val is not None else []
+    if not train_samples:
+        raise DataError("no training images were given")
+    if not val_samples:
+        train_samples, val_samples = holdout_split(train_samples, config.calibration_holdout,
+                                                   config.seed)
+        if val_samples:
+            log.info("holding out %d training images for calibration", len(val_samples))
+    return train_samples, val_samples
+
+
+def relative_paths(samples: Sequence[Sample]) -> tuple[str | None, list[str]]:
     """(common root, paths relative to it) of the training images, for bank provenance."""
     absolute = [os.path.abspath(s.path) for s in samples]
     try:

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..config import PatchCoreConfig, RuntimeSettings
-from ..data.layouts import DatasetSplit, Sample, load_dataset
-from ..errors import ConfigError, DataError
+from ..data.layouts import DatasetSplit, Sample
+from ..errors import ConfigError
 from .cluster import cluster_cpus, session
 
 log = logging.getLogger(__name__)
@@ -99,36 +99,6 @@ def final_coreset(config: PatchCoreConfig, seed: int, n: int, device: str,
             "union_rows": int(len(union)), "coreset_seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _training_samples(train: Any, val: Any, config: PatchCoreConfig
-                      ) -> tuple[list[Sample], list[Sample]]:
-    """(bank images, calibration images) as `PatchCore.fit` chooses them."""
-    from ..data.loader import as_samples
-    from ..engine.calibration import holdout_split
-
-    if isinstance(train, (str, Path)) and Path(train).is_dir():
-        train = load_dataset(train)
-    if isinstance(train, DatasetSplit):
-        val = train.val if val is None else val
-        train = train.train
-    samples = as_samples(train)
-    val_samples = as_samples(val) if val is not None else []
-    if not samples:
-        raise DataError("no training images were given")
-    if not val_samples:
-        samples, val_samples = holdout_split(samples, config.calibration_holdout, config.seed)
-    return samples, val_samples
-
-
-def _relative(samples: list[Sample]) -> tuple[str | None, list[str]]:
-    """(common root, paths relative to it): bank provenance as `PatchCore.fit` records it."""
-    absolute = [os.path.abspath(s.path) for s in samples]
-    try:
-        root = os.path.commonpath([os.path.dirname(p) for p in absolute])
-    except ValueError:
-        return None, absolute
-    return root, [os.path.relpath(p, root) for p in absolute]
-
-
 def fit(
     train: DatasetSplit | str | Path | Iterable[str | Path | Sample],
     output: str | os.PathLike | None = None,
@@ -151,19 +121,16 @@ def fit(
     """
     from ..engine import pipeline
     from ..engine.bank import MemoryBank
-    from ..engine.calibration import MIN_CALIBRATION_IMAGES, Calibration, calibrate
-    from ..model import PatchCore
+    from ..engine.calibration import Calibration
+    from ..model import PatchCore, relative_paths, training_samples
     from ..storage import ModelState
 
     if oversample < 1 or cpus_per_task <= 0:
         raise ConfigError(f"oversample must be >= 1 and cpus_per_task > 0 (got {oversample}, "
                           f"{cpus_per_task})")
     blank = PatchCore(config, settings, **overrides)
-    if blank.config.preprocess == "tile":  # as PatchCore.fit: record the tiles fitted on
-        pre = blank.preprocessor
-        blank.config = blank.config.replace(tile_size=pre.tile_size, tile_stride=pre.tile_stride)
-    c, s = blank.config, blank.settings
-    samples, val_samples = _training_samples(train, val, c)
+    c, s = pipeline.with_fitted_tiles(blank.config), blank.settings
+    samples, val_samples = training_samples(train, val, c)
     members = pipeline.parse_members(c.backbone, c.layers)
     t0 = time.perf_counter()
     with session(address, s.progress) as ray:
@@ -206,7 +173,7 @@ def fit(
                         "coreset_seconds": r["coreset_seconds"]}
                        for p, r in zip(parts, shard_results, strict=True)],
             "union_rows": final["union_rows"]})
-    root, paths = _relative(samples)
+    root, paths = relative_paths(samples)
     info = {"train_images": len(samples), "calibration_images": len(val_samples),
             "members": info_members,
             "ray": {"shards": len(parts), "oversample": oversample, "seconds": round(seconds, 3)}}
@@ -215,34 +182,10 @@ def fit(
                        sizes)
     model = PatchCore.from_state(state, s)
     pipeline.set_ensemble_norms(model.members_, c.seed)
-    _calibrate(model, samples, val_samples, MIN_CALIBRATION_IMAGES, calibrate)
+    model.calibrate_from(samples, val_samples)
     if output is not None:
         model.save(Path(output))
     return model
-
-
-def _calibrate(model: Any, samples: list[Sample], val_samples: list[Sample], minimum: int,
-               calibrate: Callable[..., Any]) -> None:
-    """Thresholds as `PatchCore.fit` sets them: from validation images, or from
-    leave-one-image-out scores of the training images (which all stay in the bank)."""
-    from ..engine import pipeline
-
-    c = model.config
-    if val_samples:
-        model.calibrate(val_samples, threshold_fpr=c.threshold_fpr,
-                        threshold_percentile=c.threshold_percentile)
-    elif len(samples) >= minimum:
-        for member in model.members_:
-            pipeline.make_extractor(member, c, model.device)
-        scores, maps = pipeline.leave_one_out(model.members_, samples, c, model.settings,
-                                              model.train_sizes_)
-        model.calibration_ = calibrate(scores, maps, np.zeros(len(scores), dtype=int), None,
-                                       c.threshold_fpr, c.threshold_percentile, c.seed)
-        model.calibration_.image_threshold_rule += (
-            f" (leave-one-image-out scores of {len(scores)} training images)")
-    else:
-        log.warning("%d training image(s) and no validation set: too few to calibrate a "
-                    "threshold; predictions will be labelled 'uncalibrated'", len(samples))
 
 
 def fit_categories(

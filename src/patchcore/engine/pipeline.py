@@ -73,6 +73,15 @@ def preprocessor(config: PatchCoreConfig) -> Preprocessor:
                         tile_stride=config.tile_stride)
 
 
+def with_fitted_tiles(config: PatchCoreConfig) -> PatchCoreConfig:
+    """The config with its tile geometry made explicit (tile mode): the default tile follows
+    imagesize, so a model records the tiles it was fitted on and keeps them at another size."""
+    if config.preprocess != "tile":
+        return config
+    pre = preprocessor(config)
+    return config.replace(tile_size=pre.tile_size, tile_stride=pre.tile_stride)
+
+
 def view_counts(samples: Sequence[Sample], pre: Preprocessor) -> list[int]:
     """Views per image (read from the headers only where the mode's count depends on size)."""
     if pre.mode in ("crop", "square"):
