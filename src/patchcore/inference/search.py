@@ -60,7 +60,8 @@ def knn(queries: np.ndarray, bank: Bank, k: int = 1, budget_mb: float = DEFAULT_
     """Distances and indices (Q x k, nearest first) of each query's k nearest bank rows.
 
     Exact search over blocks: no distance block holds more than `budget_mb` of float32, so
-    peak memory is the bank plus about 3 x budget_mb (block, partition, casted bank rows).
+    peak memory is the bank plus about 3 x budget_mb (block, partition, casted bank rows). The
+    k best rows of each query are re-ranked by distances computed from differences.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     n, dim = len(bank.rows), max(q.shape[1], 1)
@@ -71,33 +72,29 @@ def knn(queries: np.ndarray, bank: Bank, k: int = 1, budget_mb: float = DEFAULT_
     best_d = np.full((len(q), k), np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), k), dtype=np.int64)
     cosine = bank.distance == "cosine"
+    # Blocks rank rows by a similarity, largest = nearest, in one pass over the block:
+    # q.b - |b|^2 / 2 (euclidean: |q - b|^2 / -2 up to a per-query constant) or q.b / |b|.
+    offset = np.float32(0.5) * bank.sq_norms
     for qa, qb in _blocks(len(q), q_step):
         qs = q[qa:qb]
-        if cosine:
-            qs = qs / np.maximum(np.linalg.norm(qs, axis=1, keepdims=True), 1e-12)
-        q_sq = np.einsum("ij,ij->i", qs, qs)[:, None]
-        cand_d, cand_i = best_d[qa:qb], best_i[qa:qb]
+        cand_s = np.full((qb - qa, k), -np.inf, dtype=np.float32)
+        cand_i = best_i[qa:qb]
         for ba, bb in _blocks(n, b_step):
-            rows = bank.rows[ba:bb].astype(np.float32, copy=False)
-            ip = qs @ rows.T
+            sim = qs @ bank.rows[ba:bb].astype(np.float32, copy=False).T
             if cosine:
-                d = 1.0 - ip * bank.scale[ba:bb][None, :]
+                sim *= bank.scale[ba:bb][None, :]
             else:
-                d = ip
-                d *= -2.0
-                d += q_sq
-                d += bank.sq_norms[ba:bb][None, :]
+                sim -= offset[ba:bb][None, :]
             if k == 1:
-                part = d.argmin(axis=1)[:, None]
-            elif d.shape[1] > k:
-                part = np.argpartition(d, k - 1, axis=1)[:, :k]
+                part = sim.argmax(axis=1)[:, None]
+            elif sim.shape[1] > k:
+                part = np.argpartition(sim, sim.shape[1] - k, axis=1)[:, -k:]
             else:
-                part = np.broadcast_to(np.arange(d.shape[1]), (len(d), d.shape[1]))
-            dk = np.take_along_axis(d, part, axis=1)
-            both_d = np.concatenate([cand_d, dk], axis=1)
+                part = np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
+            both_s = np.concatenate([cand_s, np.take_along_axis(sim, part, axis=1)], axis=1)
             both_i = np.concatenate([cand_i, part + ba], axis=1)
-            keep = np.argsort(both_d, axis=1, kind="stable")[:, :k]
-            cand_d = np.take_along_axis(both_d, keep, axis=1)
+            keep = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+            cand_s = np.take_along_axis(both_s, keep, axis=1)
             cand_i = np.take_along_axis(both_i, keep, axis=1)
         exact = np.concatenate([_exact_distances(q[qa + a : qa + b], bank, cand_i[a:b])
                                 for a, b in _blocks(qb - qa, max(1, budget // (k * dim)))])
