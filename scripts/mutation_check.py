@@ -160,6 +160,19 @@ MUTANTS: list[dict[str, Any]] = [
                "    n = math.ceil"),
          replace="step = stride if stride is not None else window\n    n = math.ceil",
          tests=T_VIEWS, why="aspect views tile the image edge to edge without overlap"),
+    # -- the torch-free inferencer (issue 13) ------------------------------------------------
+    dict(name="export-search-offset-sign", file="src/patchcore/inference/search.py",
+         find="sim -= offset[ba:bb][None, :]", replace="sim += offset[ba:bb][None, :]",
+         tests=["tests/test_export.py"], why="blocked search ranks by q.b + |b|^2 / 2"),
+    dict(name="export-no-ensemble-norm", file="src/patchcore/inference/search.py",
+         find="ps, img = (ps - mu) / sd, (img - mu) / sd", replace="ps, img = ps - mu, img - mu",
+         tests=["tests/test_export.py"], why="exported ensembles skip the std of the z-score"),
+    dict(name="export-eq7-weight", file="src/patchcore/inference/search.py",
+         find="weight = 1.0 - 1.0 / np.exp(", replace="weight = 1.0 / np.exp(",
+         tests=["tests/test_export.py"], why="exported Eq. 7 uses the softmax weight, not 1 - it"),
+    dict(name="blur-truncate", file="src/patchcore/data/resample.py",
+         find="TRUNCATE = 4.0", replace="TRUNCATE = 3.0",
+         tests=["tests/test_export.py"], why="numpy blur kernel cut at 3 sigma, scipy's at 4"),
 ]
 
 
