@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import PatchCoreConfig, RuntimeSettings, split_overrides
 from .data.images import to_pil_image
-from .data.layouts import DatasetSplit, Sample, load_dataset
+from .data.layouts import DatasetSplit, Sample, image_items, load_dataset
 from .data.loader import Batch, as_samples, batches
 from .data.preprocess import Preprocessor
 from .engine import pipeline
@@ -230,16 +230,7 @@ class PatchCore:
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction:
         """Scores, labels and anomaly maps for paths, Samples, PIL images or HxWxC arrays."""
         members = self._ready()
-        if isinstance(images, (str, os.PathLike, Sample, Image.Image, bytes, bytearray)) or (
-            isinstance(images, np.ndarray) and images.ndim in (2, 3)
-        ):
-            images = [images]
-        if not isinstance(images, Iterable):
-            raise DataError(f"cannot use an object of type {type(images).__name__} as images; "
-                            "pass a path, a PIL image, an array, encoded bytes, or a list of them")
-        items = list(images)
-        if not items:
-            raise DataError("predict() got no images; pass a path, an image or a list of them")
+        items = image_items(images)
         if all(isinstance(x, (str, os.PathLike, Sample)) for x in items):
             return self.score(as_samples(items), desc="predict")
         pre = self.preprocessor

@@ -252,3 +252,24 @@ def category_folders(data: str | Path, categories: list[str] | None) -> list[Pat
         raise DataError(f"{data} has neither a train/ folder nor category folders containing one;"
                         " pass a category folder (with train/good) or the dataset folder above")
     return found
+
+
+def image_items(images: object) -> list:
+    """`images` as a non-empty list of single images: one path, Sample, PIL image, H x W(xC)
+    array or encoded bytes becomes a list of one; a list or other iterable of them is listed."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, Sample, Image.Image, bytes, bytearray)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)
+    ):
+        return [images]
+    try:
+        items = list(images)  # type: ignore[call-overload]
+    except TypeError:
+        raise DataError(f"cannot use an object of type {type(images).__name__} as images; "
+                        "pass a path, a PIL image, an array, encoded bytes, or a list of them"
+                        ) from None
+    if not items:
+        raise DataError("predict() got no images; pass a path, an image or a list of them")
+    return items

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import load_image, to_pil_image
+from ..data.layouts import image_items
 from ..data.preprocess import Preprocessor
 from ..engine.calibration import Calibration, labels_for, normalise
 from ..errors import DataError, ModelFileError
@@ -94,15 +95,7 @@ class Inferencer:
 
     def predict(self, images: Any) -> Prediction:
         """Scores, labels and maps for paths, PIL images, HxWxC arrays or encoded bytes."""
-        if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray)) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
-        if not isinstance(images, Iterable):
-            raise DataError(f"cannot use an object of type {type(images).__name__} as images; "
-                            "pass a path, a PIL image, an array, encoded bytes, or a list of them")
-        items = list(images)
-        if not items:
-            raise DataError("predict() got no images; pass a path, an image or a list of them")
+        items = image_items(images)
         pre = self.preprocessor
         paths: list[Path | None] = []
         sizes: list[tuple[int, int]] = []
