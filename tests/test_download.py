@@ -330,3 +330,29 @@ def test_cli_downloads_one_mvtec_category_from_a_mirror(serve, tmp_path):
     assert len(load_dataset(root / "bottle").train) == 3
     r = runner.invoke(app, ["download", "mvtec", "nosuch", "--root", str(root)])
     assert r.exit_code == 2 and "no category 'nosuch'" in r.output
+
+
+def test_benchmark_goes_from_nothing_to_a_results_table_in_one_call(serve, tmp_path):
+    from patchcore import benchmark
+
+    members = _mvtec_members(("bottle",))
+    members |= {f"bottle/train/good/{i:03d}.png": _png(100 + i, 32) for i in range(4)}
+    members |= {"bottle/test/good/000.png": _png(100, 32), "bottle/test/good/001.png":
+                _png(104, 32), "bottle/test/broken/000.png": _png(20, 32)}
+    members["bottle/ground_truth/broken/000_mask.png"] = _mask_png(32)
+    server = serve({"bottle.tar.xz": _tar(members)})
+    root = tmp_path / "mvtec"
+    kw = dict(categories=["bottle"], output=tmp_path / "bench", download="mvtec",
+              mirror=server.url, imagesize=64, progress=False, reports=False)
+    with pytest.raises(LicenceError):
+        benchmark(root, **kw)
+    assert server.requests == []
+    table = benchmark(root, accept_licence=True, **kw)
+    assert list(table["category"][:1]) == ["bottle"]
+    assert 0.0 <= float(table["image_auroc"].iloc[0]) <= 1.0
+    assert (tmp_path / "bench" / "results.csv").is_file()
+    hits = len(server.requests)
+    benchmark(root, **kw)  # downloaded and finished: nothing fetched or recomputed
+    assert len(server.requests) == hits
+    with pytest.raises(DownloadError, match="by hand"):  # offline: fetch it by hand, put it here
+        benchmark(tmp_path / "other", accept_licence=True, **{**kw, "mirror": _closed_port_url()})

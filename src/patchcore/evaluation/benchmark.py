@@ -76,6 +76,9 @@ def benchmark(
     normal: str = "good",
     max_train: int | None = None,
     reports: bool = True,
+    download: str | None = None,
+    accept_licence: bool = False,
+    mirror: str | None = None,
     **config: Any,
 ) -> pd.DataFrame:
     """Fit and evaluate every (backbone, category) pair; return the results table.
@@ -89,6 +92,11 @@ def benchmark(
     comparison plot to OUTPUT/comparison.png. `max_train` keeps the first N training images.
 
     Pairs already in OUTPUT/results.csv with the same settings are not recomputed.
+
+    `download` ("mvtec" or "visa") first fetches the missing categories into `root` (see
+    `patchcore.datasets.download_dataset`; `accept_licence=True` accepts the dataset's licence,
+    `mirror` replaces its published location), so that one call goes from nothing to the
+    results table; offline, the error says which file to fetch by hand and where to put it.
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +127,11 @@ def benchmark(
         cfg.validate()
         parse_members(cfg.backbone, cfg.layers)  # unknown backbones fail before any work
         configs[backbone_label(cfg.backbone)] = cfg
+    if download is not None:
+        from ..datasets import download_dataset
+
+        download_dataset(download, root, list(categories or ()), accept_licence=accept_licence,
+                         mirror=mirror, progress=settings.progress)
     folders = category_folders(root, list(categories) if categories else None)
     data = {"root": str(Path(root).resolve()), "layout": layout, "normal": normal,
             "max_train": max_train}
