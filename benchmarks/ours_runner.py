@@ -133,12 +133,19 @@ def predict_phase(args: argparse.Namespace) -> dict:
     for _ in range(args.throughput_batches):
         score(batch)
     throughput = args.throughput_batches * BATCH / (time.perf_counter() - t0)
-    extractor = members[0].extractor
+    # The floor: the backbone as built (batch norms not folded), to the last needed layer.
+    from patchcore.engine.features import FeatureExtractor
+
+    ours = members[0].extractor
+    torch.manual_seed(model.config.seed)
+    extractor = FeatureExtractor(ours.spec, ours.layers, pretrained=model.config.pretrained,
+                                 imagesize=model.config.imagesize,
+                                 aggregation=model.config.aggregation, fold_norms=False)
     floor = []
     with torch.inference_mode():
         for t in tensors:
             t0 = time.perf_counter()
-            extractor._run_backbone(t[None])  # noqa: SLF001 - bare backbone forward
+            extractor.backbone_grids(t[None])
             floor.append(time.perf_counter() - t0)
     floor = floor[2:] or floor
     # Pixel AUROC over every pixel of every whole image at its original size.
