@@ -3,10 +3,10 @@
 A frozen BatchNorm after a convolution is an affine map per channel, so it can be folded into
 the convolution's weights and bias once; the forward pass then skips one full read and write of
 every activation map per block. With 2 threads this took efficientnet_lite0's forward from 11.6
-to 8.0 ms at batch 1 (benchmarks/latency.py on a quiet 16-core host). Written by hand because the pairs must be
-found in any registered backbone (timm, torchvision, custom) without tracing it into a graph,
-which would bypass the forward hooks that collect layer outputs: a dry forward pass records which
-BatchNorm consumed exactly the tensor a Conv2d produced.
+to 8.0 ms at batch 1 (benchmarks/latency.py on a quiet 16-core host). Written by hand because
+the pairs must be found in any registered backbone (timm, torchvision, custom) without tracing
+it into a graph, which would bypass the forward hooks that collect layer outputs: a dry forward
+pass records which BatchNorm consumed exactly the tensor a Conv2d produced.
 """
 
 from __future__ import annotations
