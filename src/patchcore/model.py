@@ -31,6 +31,7 @@ from .engine.calibration import (
 from .engine.features import resolve_device
 from .engine.index import set_search_threads
 from .engine.pipeline import Member
+from .engine.scoring import image_scores_from_views
 from .errors import ConfigError, DataError, NotFittedError
 from .prediction import Prediction
 from .storage import ModelState, load_state, save_state
@@ -209,7 +210,7 @@ class PatchCore:
         batches_: list[Batch] = [p[0] for p in parts]
         counts = np.array([c for b in batches_ for c in b.view_counts])
         view_scores = np.concatenate([p[1] for p in parts])
-        scores = pipeline.image_scores_from_views(view_scores, counts)
+        scores = image_scores_from_views(view_scores, counts)
         return Prediction(
             paths=[p for b in batches_ for p in b.paths],
             scores=scores,

@@ -34,9 +34,11 @@ class _PostNorm(nn.Module):
         return self.act(self.drop(x))
 
 
-def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+def _conv_bn_pairs(model: nn.Module, example: torch.Tensor
+                   ) -> tuple[list[tuple[str, str]], torch.Tensor | None]:
     """(conv name, batch-norm name) pairs where the norm's input is the conv's output tensor and
-    nothing else reads that tensor (checked by the tensor's identity during one forward)."""
+    nothing else reads that tensor (checked by the tensor's identity during one forward), and
+    that forward's output (see `_run`)."""
     produced: dict[int, str] = {}
     readers: dict[int, list[str]] = {}
     alive: list[torch.Tensor] = []  # keeps each output alive so that no id is reused
@@ -64,7 +66,7 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, s
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(reader_hook(name)))
     try:
-        _run(model, example)
+        output = _run(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -74,7 +76,7 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, s
         names = readers.get(key, [])
         if len(names) == 1 and isinstance(modules[names[0]], nn.BatchNorm2d):
             pairs.append((conv, names[0]))
-    return pairs
+    return pairs, output
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -143,8 +145,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     """
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode")
-    pairs = _conv_bn_pairs(model, example)
-    reference = _run(model, example)
+    pairs, reference = _conv_bn_pairs(model, example)
     if not pairs or reference is None:
         return model, 0
     folded_model, folded = _fold_pairs(model, pairs)

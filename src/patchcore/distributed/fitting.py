@@ -120,7 +120,7 @@ def fit(
     image); each keeps `oversample` x its share of the bank before the final coreset.
     """
     from ..engine import pipeline
-    from ..engine.bank import MemoryBank
+    from ..engine.bank import MemoryBank, bank_rows
     from ..engine.calibration import Calibration
     from ..model import PatchCore, relative_paths, training_samples
     from ..storage import ModelState
@@ -145,12 +145,7 @@ def fit(
         results = [ray.get([meta for meta, _ in r]) for r in refs]  # small: no bank rows
         finals = []
         for i, shard_results in enumerate(results):
-            total = sum(r["patches"] for r in shard_results)
-            n = total if c.sampler == "identity" else max(1, int(total * c.percentage))
-            if c.anomaly_scorer_num_nn > n:
-                raise ConfigError(
-                    f"anomaly_scorer_num_nn={c.anomaly_scorer_num_nn} is larger than the memory "
-                    f"bank ({n} rows from {total} patches); lower it or raise --percentage")
+            n = bank_rows(sum(r["patches"] for r in shard_results), c)
             finals.append(ray.remote(num_cpus=cpus_per_task, max_retries=3)(
                 final_coreset).remote(c, c.seed + i, n, s.device,
                                       [r["num_views"] for r in shard_results],

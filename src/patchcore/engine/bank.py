@@ -39,6 +39,17 @@ class MemoryBank:
         return len(self.features)
 
 
+def bank_rows(total: int, config: PatchCoreConfig) -> int:
+    """Rows of the memory bank taken from `total` training patches; a bank smaller than
+    `anomaly_scorer_num_nn` is an error."""
+    n = total if config.sampler == "identity" else max(1, int(total * config.percentage))
+    if config.anomaly_scorer_num_nn > n:
+        raise ConfigError(
+            f"anomaly_scorer_num_nn={config.anomaly_scorer_num_nn} is larger than the memory "
+            f"bank ({n} rows from {total} patches); lower it or raise --percentage")
+    return n
+
+
 def build_bank(
     store: FeatureStore | np.ndarray, grid: tuple[int, int], config: PatchCoreConfig, seed: int,
     device: torch.device | str = "cpu", progress: bool = False,
@@ -49,11 +60,7 @@ def build_bank(
     timing information. `config.anomaly_scorer_num_nn` larger than the bank is an error.
     """
     total = len(store)
-    n = total if config.sampler == "identity" else max(1, int(total * config.percentage))
-    if config.anomaly_scorer_num_nn > n:
-        raise ConfigError(
-            f"anomaly_scorer_num_nn={config.anomaly_scorer_num_nn} is larger than the memory "
-            f"bank ({n} rows from {total} patches); lower it or raise --percentage")
+    n = bank_rows(total, config)
     sampler = get_sampler(config.sampler, config.projection_dim, config.num_starting_points,
                           device, progress)
     t0 = time.perf_counter()

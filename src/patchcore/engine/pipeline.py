@@ -293,9 +293,3 @@ def leave_one_out(
                 scores.append(float(view_scores.max()))
                 maps.append(pre.to_original(view_maps, batch.sizes[j]))
     return np.asarray(scores, dtype=np.float32), maps
-
-
-def image_scores_from_views(view_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """Each image's score: the largest score among its views (`counts` views per image)."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return np.maximum.reduceat(np.asarray(view_scores, dtype=np.float32), starts)

@@ -47,6 +47,7 @@ from ..engine.calibration import holdout_split
 from ..engine.features import resolve_device
 from ..engine.memory import FeatureStore, read_npy_header
 from ..engine.pipeline import Member, make_extractor, member_features, parse_members
+from ..engine.scoring import image_scores_from_views
 from ..errors import ConfigError, DataError
 from . import metrics
 
@@ -506,7 +507,7 @@ def score_cached(
         a, b = int(starts[first]), int(starts[last])
         feats = cache.test[a * per : b * per].reshape(b - a, h, w, -1)
         view_scores, view_maps, _, _ = pipeline.score_view_features([member], [feats], config)
-        scores.append(pipeline.image_scores_from_views(view_scores, counts[first:last]))
+        scores.append(image_scores_from_views(view_scores, counts[first:last]))
         if maps:
             for i in range(first, last):
                 views = view_maps[int(starts[i]) - a : int(starts[i + 1]) - a]

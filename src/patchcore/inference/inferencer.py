@@ -15,11 +15,12 @@ from ..data.images import load_image, to_pil_image
 from ..data.layouts import image_items
 from ..data.preprocess import Preprocessor
 from ..engine.calibration import Calibration, labels_for, normalise
+from ..engine.scoring import image_scores_from_views
 from ..errors import DataError, ModelFileError
 from ..prediction import Prediction
 from .manifest import Manifest, read_manifest, verify_files
 from .runtime import GraphRunner
-from .search import DEFAULT_BUDGET_MB, Bank, image_scores_from_views, score_views
+from .search import DEFAULT_BUDGET_MB, Bank, score_views
 
 log = logging.getLogger(__name__)
 

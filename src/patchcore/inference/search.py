@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import PatchCoreConfig
 from ..data.resample import gaussian_blur, resize_bilinear
+from ..engine.scoring import image_scores
 
 DEFAULT_BUDGET_MB = 64.0
 
@@ -114,18 +115,21 @@ def member_scores(features: np.ndarray, bank: Bank, config: PatchCoreConfig,
     dist, idx = knn(flat, bank, config.anomaly_scorer_num_nn, budget_mb)
     scores = dist.mean(axis=1).reshape(v, h, w)
     nearest = idx[:, 0].reshape(v, h, w)
-    per_view = scores.reshape(v, -1)
-    best = per_view.argmax(axis=1)
-    s_star = per_view[np.arange(v), best]
-    if not config.reweight:
-        return scores, nearest, s_star.astype(np.float32)
-    # Eq. 7: s* scaled by 1 - exp(s*) / sum over the b bank neighbours of m* of exp(distance).
-    m_test = features.reshape(v, -1, d)[np.arange(v), best].astype(np.float32)
-    m_star = bank.rows[nearest.reshape(v, -1)[np.arange(v), best]].astype(np.float32)
-    _, neigh = knn(m_star, bank, config.reweight_neighbourhood, budget_mb)
-    dists = np.linalg.norm(bank.rows[neigh].astype(np.float32) - m_test[:, None, :], axis=2)
-    weight = 1.0 - 1.0 / np.exp(dists - s_star[:, None]).sum(axis=1)
-    return scores, nearest, (weight * s_star).astype(np.float32)
+    reweight = config.reweight_neighbourhood if config.reweight else 0
+    img = image_scores(scores, features, nearest, bank.rows, _Searcher(bank, budget_mb),
+                       reweight)
+    return scores, nearest, img
+
+
+class _Searcher:
+    """`knn` over one bank behind the `search(queries, k)` that `image_scores` calls."""
+
+    def __init__(self, bank: Bank, budget_mb: float) -> None:
+        self.bank = bank
+        self.budget_mb = budget_mb
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return knn(queries, self.bank, k, self.budget_mb)
 
 
 def score_views(features: Sequence[np.ndarray], banks: Sequence[Bank], config: PatchCoreConfig,
@@ -156,9 +160,3 @@ def score_views(features: Sequence[np.ndarray], banks: Sequence[Bank], config: P
     if config.blur_sigma > 0:
         maps = gaussian_blur(maps, config.blur_sigma)
     return view_total, maps, first[0], first[1]
-
-
-def image_scores_from_views(view_scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """Each image's score: the largest score among its views (`counts` views per image)."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return np.maximum.reduceat(np.asarray(view_scores, dtype=np.float32), starts)
