@@ -34,9 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# As `import patchcore` does; the workers import torch first, which would be too late.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 SHARED = HERE.parent.parent / "shared" / "data"

@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 WORK = OUT / "export_bench"

@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 SHARED = HERE.parent.parent / "shared" / "data"

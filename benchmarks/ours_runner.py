@@ -20,9 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# As `import patchcore` does; the workers import torch first, which would be too late.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 BATCH = 32
 
 

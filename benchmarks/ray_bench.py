@@ -34,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import patchcore` does, before torch
 from pathlib import Path
 
 import pytest

@@ -113,17 +113,18 @@ def test_shell_modules_stay_small(name, limit):
     assert lines < limit, f"{name} has {lines} lines"
 
 
-def test_importing_patchcore_first_makes_openmp_threads_wait_passively():
-    """torch's and faiss's OpenMP pools must not spin against each other (5x slower predict)."""
+def test_importing_patchcore_leaves_openmp_waits_alone():
+    """Passive OpenMP waits made every small op of a batch-1 forward pay a thread wake-up
+    (lite2 predict 47 vs 29 ms on 2 cores): `import patchcore` must not set them."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", "import os, patchcore; "
-                          "print(os.environ['OMP_WAIT_POLICY'])"], capture_output=True,
-                         text=True, env=env, timeout=120)
-    assert out.stdout.strip() == "PASSIVE", out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-c", "import os, patchcore; patchcore.PatchCore; "
+                          "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "unset", out.stderr[-500:]
 
 
 def test_every_planted_mutant_still_applies():

@@ -5,17 +5,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import importlib as _importlib
-import os as _os
 from typing import TYPE_CHECKING, Any
 
-# torch and faiss each bring an OpenMP runtime whose idle threads spin-wait by default; on a
-# machine with few cores they starve each other: feature extraction measured 3-7x slower in the
-# main thread (2 cores, efficientnet_lite2, 32 images: 5.6 s vs 0.8 s). Passive waiting costs
-# nothing measurable here. It takes effect when set before torch and faiss start their thread
-# pools, i.e. when patchcore is imported first; set OMP_WAIT_POLICY yourself to override.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .errors import (  # noqa: E402
+# OpenMP waits are left at the runtime's default (threads spin briefly between operations).
+# Earlier versions set OMP_WAIT_POLICY=PASSIVE here, when faiss ran the exact search beside torch
+# and their two pools starved each other; with the search in torch it only cost time: every small
+# operation of a batch-1 forward paid a thread wake-up (efficientnet_lite2 predict at batch 1,
+# 2 cores: 47 -> 29 ms, bare backbone forward 32 -> 15 ms). Ray workers still wait passively
+# (distributed/cluster.py), since several of them share a node's cores.
+from .errors import (
     BackboneError,
     ConfigError,
     DataError,

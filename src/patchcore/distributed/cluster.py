@@ -16,8 +16,8 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# What the workers run with: passive OpenMP waits (as `import patchcore` sets) so that torch's and
-# faiss's thread pools do not spin against each other on a shared core.
+# What the workers run with: passive OpenMP waits, so that the thread pools of the several actors
+# (and tasks) that share a node's cores do not spin against each other.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
