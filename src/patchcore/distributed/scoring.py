@@ -281,11 +281,15 @@ def predict(
             maps_dir=folder / MAPS if maps else None)
         with session(address, settings.progress) as ray:
             quiet_ray_data(settings.progress)
-            if dataset is None:
-                # Reading is I/O: it takes no CPU slot from the scoring actors.
-                dataset = ray.data.read_binary_files([str(p) for p in files] + uris,
-                                                     include_paths=True, num_cpus=0)
             n = workers or max(1, int(cluster_cpus(ray) // cpus_per_worker))
+            if dataset is None:
+                # Reading is I/O: it takes no CPU slot from the scoring actors. Without a
+                # concurrency cap, zero-CPU reads all start at once, each in a new worker
+                # process (18 processes for 592 files on 2 cores: the import CPU of those
+                # processes halved 2 actors' throughput); one read task per actor keeps up.
+                dataset = ray.data.read_binary_files([str(p) for p in files] + uris,
+                                                     include_paths=True, num_cpus=0,
+                                                     concurrency=n)
             ref = ray.put(state)  # once; actors read it from the object store
             scored = dataset.map_batches(
                 Scorer, fn_constructor_args=([ref], settings, maps, round(cpus_per_worker)),
