@@ -50,6 +50,24 @@ def _local(model_dir, files, threads=1, batch_size=1):
         torch.set_num_threads(before)
 
 
+def test_a_dataset_of_encoded_bytes_scores_like_local_files(cluster, model_dir, split, tmp_path):
+    """Local files are read by the actors; a Ray Dataset of bytes (URIs, users' own datasets)
+    takes the other path through the actors and must give the same scores."""
+    files = [s.path for s in split.test][:6]
+    local = _local(model_dir, files)
+    # Paths that exist nowhere on disk: only the bytes can be scored.
+    uris = [f"s3://bucket/part{i}.png" for i in range(len(files))]
+    dataset = ray.data.from_items([{"path": u, "bytes": f.read_bytes()}
+                                   for u, f in zip(uris, files, strict=True)])
+    result = distributed.predict(model_dir, dataset, tmp_path / "out", settings=SETTINGS,
+                                 workers=1)
+    table = result.table.to_pydict()
+    scores = dict(zip(table["path"], table["score"], strict=True))
+    assert sorted(scores) == sorted(uris) and set(table["label"]) != {"error"}
+    np.testing.assert_array_equal(np.array([scores[u] for u in uris], np.float32),
+                                  local.scores)
+
+
 def _scoring_pids():
     from ray._private import state  # the GCS actor table; the state API needs the dashboard
 

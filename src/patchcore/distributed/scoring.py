@@ -1,7 +1,8 @@
 """Batch scoring on Ray Data: `predict(model_dir, inputs, output)`.
 
-Images are read as a Ray Dataset of encoded bytes (`read_binary_files`: local files, folders,
-globs, or any URI Ray Data reads such as s3:// or gs://) and scored by a fixed pool of actors.
+Local files (paths, folders, globs) go to a fixed pool of scoring actors as a dataset of paths
+that the actors read themselves; URIs that Ray Data reads (s3://, gs://, ...) are read as a
+Ray Dataset of encoded bytes (`read_binary_files`), as is a user's own dataset of bytes.
 The model folder is read and validated once on the driver and its plain `ModelState` (numpy
 bank rows, config, calibration) is placed in the object store once; every actor builds its
 model from that one object (a zero-copy read on its node), never from a per-batch copy.
@@ -72,10 +73,13 @@ class Scorer:
         self.maps = maps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Score one batch of {"path", "bytes"}: a row per image; a bad image is a row whose
+        """Score one batch of {"path"[, "bytes"]}: a row per image; a bad image is a row whose
         label is "error" (its message in `error`), not a failed batch."""
         paths = [str(p) for p in batch["path"]]
-        data = [bytes(b) for b in batch["bytes"]]
+        # Encoded bytes where the dataset carries them (URIs, user datasets); local files are
+        # read here, by predict itself (the same checks and decoding as a local run).
+        data: list[bytes] | list[str] = ([bytes(b) for b in batch["bytes"]] if "bytes" in batch
+                                         else paths)
         try:
             rows = self._rows(data)
         except PatchCoreError:  # one bad image: score the batch image by image
@@ -93,7 +97,8 @@ class Scorer:
             out["map"] = np.array([r[4] for r in rows], dtype=object)
         return out
 
-    def _rows(self, data: list[bytes]) -> list[tuple[float, float, str, str, bytes]]:
+    def _rows(self, data: list[bytes] | list[str]
+              ) -> list[tuple[float, float, str, str, bytes]]:
         pred = self.model.predict(data)
         names = pred.label_names
         rows = []
@@ -282,7 +287,12 @@ def predict(
         with session(address, settings.progress) as ray:
             quiet_ray_data(settings.progress)
             n = workers or max(1, int(cluster_cpus(ray) // cpus_per_worker))
-            if dataset is None:
+            if dataset is None and not uris:
+                # Local files: a list of paths that the scoring actors read themselves. Read
+                # tasks would each start a worker process importing pyarrow (2 s of a 2-core
+                # node's CPU at the first read of a session).
+                dataset = ray.data.from_items([{"path": str(p)} for p in files])
+            elif dataset is None:
                 # Reading is I/O: it takes no CPU slot from the scoring actors. Without a
                 # concurrency cap, zero-CPU reads all start at once, each in a new worker
                 # process (18 processes for 592 files on 2 cores: the import CPU of those
