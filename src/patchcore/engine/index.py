@@ -62,9 +62,7 @@ class ExactSearch:
     def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cosine = cosine
-        with warnings.catch_warnings():  # a read-only bank (shared memory) is only read here
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            rows = torch.from_numpy(bank).to(self.device)
+        rows = _tensor(bank, self.device)
         self.center = (torch.zeros_like(rows[0]) if cosine or not len(rows)
                        else rows.double().mean(0).float())
         self.bank = rows - self.center
@@ -74,9 +72,7 @@ class ExactSearch:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (or inner products for cosine) and row indices, Q x k."""
         n = len(self.bank)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            queries = torch.from_numpy(q).to(self.device) - self.center
+        queries = _tensor(q, self.device) - self.center
         step = max(1, self.CHUNK_FLOATS // max(n, 1))
         values, indices = [], []
         with torch.inference_mode():
@@ -101,6 +97,14 @@ class ExactSearch:
                 values.append(-val if self.cosine else val)
                 indices.append(idx)
         return (torch.cat(values).cpu().numpy(), torch.cat(indices).cpu().numpy())
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as a tensor on `device`. A read-only array (a bank in shared memory) is only
+    read by the search, so torch's warning about non-writable arrays is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array).to(device)
 
 
 def _sort_pairs(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
