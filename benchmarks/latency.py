@@ -201,6 +201,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", help="reuse a saved model instead of fitting one")
     p.add_argument("--name", default="")
+    p.add_argument("--shortlist", choices=["auto", "off", "both"], default="auto",
+                   help="the exact search's bfloat16 shortlist (engine/shortlist.py): as predict "
+                        "runs it, off (float32 products), or both in one run")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "model"
@@ -208,8 +211,20 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
         if not args.model_dir:
             result["fit"] = _fit(args, model_dir)
-        result["batch1"] = _breakdown(args, model_dir, 1)
-        result["batch32"] = _breakdown(args, model_dir, 32)
+        from patchcore.engine.index import ExactSearch
+        from patchcore.engine.shortlist import bf16_is_fast
+
+        result["machine"]["bf16_shortlist_used"] = bf16_is_fast()
+        for mode in ["off", "auto"] if args.shortlist == "both" else [args.shortlist]:
+            ExactSearch.SHORTLIST = mode
+            part = result if mode == args.shortlist or mode == "auto" else {}
+            part["batch1"] = _breakdown(args, model_dir, 1)
+            part["batch32"] = _breakdown(args, model_dir, 32)
+            if part is not result:
+                part["cold"] = {}
+                print("float32 search (shortlist off):")
+                print(_table(part))
+                result["float32_search"] = part
         result["cold"] = _cold_start(args, model_dir)
     print(_table(result))
     OUT.mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .shortlist import Shortlist, bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,16 @@ class ExactSearch:
     the cancellation error small), or by the inner product of L2-normalised rows for cosine;
     the chosen rows' distances are then computed directly, so a query equal to a bank row gets
     exactly 0. Of rows at exactly the same distance (duplicates) any one may be returned.
+
+    On a CPU whose bfloat16 products are fast (AMX, AVX-512-BF16; checked once per process),
+    the single nearest row (k = 1) comes from a bfloat16 shortlist with an exact re-rank
+    instead (engine/shortlist.py): the true nearest row, ties by the lowest index.
     """
 
     # Floats of one chunk's query x bank distance block (64 MiB).
     CHUNK_FLOATS = 16 * 1024 * 1024
+    # "auto": the bfloat16 shortlist where it is fast; "on": always (tests); "off": never.
+    SHORTLIST = "auto"
 
     def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -67,6 +74,10 @@ class ExactSearch:
                        else rows.double().mean(0).float())
         self.bank = rows - self.center
         self.norms = (self.bank * self.bank).sum(1)
+        self.shortlist: Shortlist | None = None
+        if self.device.type == "cpu" and len(rows) and (
+                self.SHORTLIST == "on" or (self.SHORTLIST == "auto" and bf16_is_fast())):
+            self.shortlist = Shortlist(self.bank, cosine)
 
     def search(self, q: np.ndarray, k: int, exclude: tuple[int, int] | None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +89,11 @@ class ExactSearch:
         with torch.inference_mode():
             for a in range(0, len(queries), step):
                 block = queries[a : a + step]
+                found = self._shortlisted(block, exclude) if k == 1 else None
+                if found is not None:
+                    values.append(found[0].float()[:, None])
+                    indices.append(found[1][:, None])
+                    continue
                 if self.cosine:  # the largest inner product is the nearest: negate it
                     score = -(block @ self.bank.T)
                 else:
@@ -97,6 +113,25 @@ class ExactSearch:
                 values.append(-val if self.cosine else val)
                 indices.append(idx)
         return (torch.cat(values).cpu().numpy(), torch.cat(indices).cpu().numpy())
+
+    def _shortlisted(self, block: torch.Tensor, exclude: tuple[int, int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The nearest row's value (squared distance or inner product) and index per query by
+        the bfloat16 shortlist, refined to three products when one leaves too many rows; None
+        to fall back to float32 (no shortlist here, or still too many rows)."""
+        if self.shortlist is None:
+            return None
+        found = self.shortlist.nearest(block, exclude)
+        if found is None and self.shortlist.passes == 1:
+            log.debug("one bfloat16 product leaves too many candidate rows: using three")
+            self.shortlist.build(passes=3)
+            found = self.shortlist.nearest(block, exclude)
+        if found is None:
+            log.debug("bfloat16 shortlist too long even with three products: float32 search")
+            self.shortlist = None
+            return None
+        best, index = found
+        return (best if self.cosine else -best), index
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The bfloat16 shortlist + exact re-rank returns the true nearest bank row, whatever the data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchcore.engine import shortlist
+from patchcore.engine.index import ExactSearch, NearestNeighbourIndex
+
+
+def _data(seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bank and queries of one of four kinds, chosen to stress the error bound."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(40, 2500)), int(rng.integers(2, 300))
+    kind = ["gaussian", "clusters", "large_norms", "duplicates"][seed % 4]
+    if kind == "gaussian":
+        bank = rng.standard_normal((n, d)) * rng.uniform(0.01, 100)
+        queries = rng.standard_normal((97, d)) * bank.std()
+    elif kind == "clusters":  # several rows at nearly the same distance from each query
+        centres = rng.standard_normal((20, d))
+        bank = centres[rng.integers(0, 20, n)] + rng.standard_normal((n, d)) * 0.3
+        queries = centres[rng.integers(0, 20, 97)] + rng.standard_normal((97, d)) * 0.3
+    elif kind == "large_norms":  # norms dwarf the distances: one bfloat16 product is too coarse
+        scale = rng.uniform(1, 1000, (n, 1))
+        bank = rng.standard_normal((n, d)) * scale
+        queries = bank[rng.integers(0, n, 97)] + rng.standard_normal((97, d)) * 0.01
+    else:  # exact ties: the second half repeats the first; queries include bank rows
+        bank = np.abs(rng.standard_normal((n, d))) * 10
+        bank[n - n // 2 :] = bank[: n // 2]
+        queries = np.concatenate([np.abs(rng.standard_normal((90, d))) * 10,
+                                  bank[n - 7 :]])
+    return bank.astype(np.float32), queries.astype(np.float32), kind
+
+
+def _truth(bank: np.ndarray, queries: np.ndarray, cosine: bool,
+           exclude: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 brute force: best value per query and the lowest row index attaining it."""
+    b, q = bank.astype(np.float64), queries.astype(np.float64)
+    if cosine:
+        score = q @ b.T
+    else:
+        score = -((q[:, None, :] - b[None]) ** 2).sum(-1)
+    if exclude is not None:
+        score[:, exclude[0] : exclude[1]] = -np.inf
+    best = score.max(1)
+    return best, np.argmax(score == best[:, None], axis=1)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("seed", range(16))
+def test_shortlist_returns_the_true_nearest_row(monkeypatch, seed, cosine):
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries, kind = _data(seed)
+    if cosine:
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exclude = (len(bank) // 5, len(bank) // 3) if seed % 3 == 1 else None
+    search = ExactSearch(bank, cosine, "cpu")
+    value, index = search.search(queries, 1, exclude)
+    assert search.shortlist is not None  # answered by the shortlist, not the float32 fallback
+    best, want = _truth(bank, queries, cosine, exclude)
+    np.testing.assert_array_equal(index[:, 0], want)
+    if cosine:
+        np.testing.assert_allclose(value[:, 0], best, rtol=1e-6, atol=1e-7)
+    else:  # centred rows: the same squared distances up to float32 rounding of the centring
+        np.testing.assert_allclose(value[:, 0], -best, rtol=1e-5, atol=1e-5 * bank.std() ** 2)
+    if kind == "duplicates" and exclude is None and not cosine:
+        assert (value[-7:, 0] == 0).all()  # a bank row finds itself (its first copy) at 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_three_products_when_norms_dwarf_the_distances(monkeypatch, seed):
+    """Two clusters far from the mean: one bfloat16 product cannot tell a cluster's rows
+    apart, so the shortlist refines itself to three products and stays exact."""
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    rng = np.random.default_rng(seed)
+    side = np.where(rng.random(3000) < 0.5, -1000.0, 1000.0)
+    bank = rng.standard_normal((3000, 64)) * 10
+    bank[:, 0] += side
+    queries = bank[rng.integers(0, 3000, 200)] + rng.standard_normal((200, 64)) * 3
+    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
+    search = ExactSearch(bank, False, "cpu")
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is not None and search.shortlist.passes == 3
+    best, want = _truth(bank, queries, False, None)
+    np.testing.assert_array_equal(index[:, 0], want)
+    np.testing.assert_allclose(value[:, 0], -best, rtol=1e-5)
+
+
+def test_shortlist_matches_the_float32_search_on_patch_like_features(monkeypatch):
+    """Where the float32 search has no near-ties, both paths return the same rows."""
+    rng = np.random.default_rng(7)
+    bank = np.maximum(rng.standard_normal((3000, 168)), 0).astype(np.float32)
+    queries = np.maximum(rng.standard_normal((784, 168)), 0).astype(np.float32)
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "off")
+    plain = NearestNeighbourIndex().add(bank).search(queries, 1)
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    index = NearestNeighbourIndex().add(bank)
+    fast = index.search(queries, 1)
+    assert index._index.shortlist is not None and index._index.shortlist.passes == 1
+    np.testing.assert_array_equal(fast[1], plain[1])
+    np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6)
+
+
+def test_too_long_a_shortlist_falls_back_to_float32(monkeypatch):
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    monkeypatch.setattr(shortlist, "MAX_PER_QUERY", 0)  # every shortlist is too long
+    bank, queries, _ = _data(1)
+    search = ExactSearch(bank, False, "cpu")
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is None  # given up after one and three products
+    best, want = _truth(bank, queries, False, None)
+    np.testing.assert_allclose(value[:, 0], -best, rtol=1e-4, atol=1e-3)
+    gaps = np.sort(-_all_scores(bank, queries), axis=1)
+    clear = gaps[:, 1] - gaps[:, 0] > 1e-3 * np.maximum(gaps[:, 1], 1)
+    np.testing.assert_array_equal(index[clear, 0], want[clear])
+
+
+def _all_scores(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    return -((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+
+
+def test_k_above_one_keeps_the_float32_search(monkeypatch):
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries, _ = _data(0)
+    dist, idx = NearestNeighbourIndex().add(bank).search(queries, 3)
+    scores = _all_scores(bank, queries)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    np.testing.assert_allclose(dist ** 2, -np.take_along_axis(scores, order, 1), rtol=1e-4,
+                               atol=1e-3 * bank.std() ** 2)
+
+
+def test_the_bfloat16_check_is_a_yes_or_no_made_once():
+    first = shortlist.bf16_is_fast()
+    assert isinstance(first, bool) and shortlist.bf16_is_fast() is first
+    assert shortlist._fast == {"cpu": first}
