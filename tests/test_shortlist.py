@@ -69,6 +69,34 @@ def test_shortlist_returns_the_true_nearest_row(monkeypatch, seed, cosine):
         assert (value[-7:, 0] == 0).all()  # a bank row finds itself (its first copy) at 0
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_near_ties_below_every_rounding_error(monkeypatch, seed, cosine):
+    """Each query has two bank rows at distances equal to ~1e-7 (relative): far below the
+    bfloat16 product's error and near float32's, so only a complete window and an exact
+    re-rank return the true nearest row every time."""
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    rng = np.random.default_rng(seed)
+    d, nq = 64, 300
+    queries = rng.standard_normal((nq, d)) * 3 + 5
+    pairs = []
+    for gap in (1.0, 1.0 + 1e-7):
+        step = rng.standard_normal((nq, d))
+        step *= 2 * gap / np.linalg.norm(step, axis=1, keepdims=True)
+        pairs.append(queries + step)
+    bank = np.concatenate([*pairs, rng.standard_normal((1500, d)) * 3 + 5])
+    bank = bank[rng.permutation(len(bank))].astype(np.float32)
+    queries = queries.astype(np.float32)
+    if cosine:
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    search = ExactSearch(bank, cosine, "cpu")
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is not None
+    best, want = _truth(bank, queries, cosine, None)
+    np.testing.assert_array_equal(index[:, 0], want)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_three_products_when_norms_dwarf_the_distances(monkeypatch, seed):
     """Two clusters far from the mean: one bfloat16 product cannot tell a cluster's rows

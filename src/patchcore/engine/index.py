@@ -69,27 +69,28 @@ class ExactSearch:
     def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cosine = cosine
-        rows = _tensor(bank, self.device)
-        self.center = (torch.zeros_like(rows[0]) if cosine or not len(rows)
-                       else rows.double().mean(0).float())
-        self.bank = rows - self.center
+        self.rows = _tensor(bank, self.device)  # as given: distances are computed from these
+        self.center = (torch.zeros_like(self.rows[0]) if cosine or not len(self.rows)
+                       else self.rows.double().mean(0).float())
+        self.bank = self.rows - self.center  # centred: for choosing rows by matrix products
         self.norms = (self.bank * self.bank).sum(1)
         self.shortlist: Shortlist | None = None
-        if self.device.type == "cpu" and len(rows) and (
+        if self.device.type == "cpu" and len(self.rows) and (
                 self.SHORTLIST == "on" or (self.SHORTLIST == "auto" and bf16_is_fast())):
-            self.shortlist = Shortlist(self.bank, cosine)
+            self.shortlist = Shortlist(self.bank, self.rows, cosine)
 
     def search(self, q: np.ndarray, k: int, exclude: tuple[int, int] | None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances (or inner products for cosine) and row indices, Q x k."""
         n = len(self.bank)
-        queries = _tensor(q, self.device) - self.center
+        raw = _tensor(q, self.device)
+        queries = raw - self.center
         step = max(1, self.CHUNK_FLOATS // max(n, 1))
         values, indices = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), step):
-                block = queries[a : a + step]
-                found = self._shortlisted(block, exclude) if k == 1 else None
+                block, given = queries[a : a + step], raw[a : a + step]
+                found = self._shortlisted(block, given, exclude) if k == 1 else None
                 if found is not None:
                     values.append(found[0].float()[:, None])
                     indices.append(found[1][:, None])
@@ -103,29 +104,32 @@ class ExactSearch:
                 # min(dim) returns the same first index as argmin, 2.6x faster on CPU here.
                 idx = (score.min(1, keepdim=True).indices if k == 1
                        else _smallest(score, k)[1])
-                rows = self.bank[idx]  # B x k x D
+                # in float64 from the rows as given, as the shortlist re-ranks: both paths give
+                # the same values
+                rows, x = self.rows[idx].double(), given[:, None, :].double()  # B x k x D
                 if self.cosine:
-                    val = -(rows * block[:, None, :]).sum(-1)
+                    val = -(rows * x).sum(-1).float()
                 else:
-                    val = ((rows - block[:, None, :]) ** 2).sum(-1)
+                    val = ((rows - x) ** 2).sum(-1).float()
                 if k > 1:
                     val, idx = _sort_pairs(val, idx)
                 values.append(-val if self.cosine else val)
                 indices.append(idx)
         return (torch.cat(values).cpu().numpy(), torch.cat(indices).cpu().numpy())
 
-    def _shortlisted(self, block: torch.Tensor, exclude: tuple[int, int] | None
+    def _shortlisted(self, block: torch.Tensor, given: torch.Tensor,
+                     exclude: tuple[int, int] | None
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The nearest row's value (squared distance or inner product) and index per query by
         the bfloat16 shortlist, refined to three products when one leaves too many rows; None
         to fall back to float32 (no shortlist here, or still too many rows)."""
         if self.shortlist is None:
             return None
-        found = self.shortlist.nearest(block, exclude)
+        found = self.shortlist.nearest(block, given, exclude)
         if found is None and self.shortlist.passes == 1:
             log.debug("one bfloat16 product leaves too many candidate rows: using three")
             self.shortlist.build(passes=3)
-            found = self.shortlist.nearest(block, exclude)
+            found = self.shortlist.nearest(block, given, exclude)
         if found is None:
             log.debug("bfloat16 shortlist too long even with three products: float32 search")
             self.shortlist = None
