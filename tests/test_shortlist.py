@@ -102,12 +102,7 @@ def test_three_products_when_norms_dwarf_the_distances(monkeypatch, seed):
     """Two clusters far from the mean: one bfloat16 product cannot tell a cluster's rows
     apart, so the shortlist refines itself to three products and stays exact."""
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
-    rng = np.random.default_rng(seed)
-    side = np.where(rng.random(3000) < 0.5, -1000.0, 1000.0)
-    bank = rng.standard_normal((3000, 64)) * 10
-    bank[:, 0] += side
-    queries = bank[rng.integers(0, 3000, 200)] + rng.standard_normal((200, 64)) * 3
-    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
+    bank, queries = _far_clusters(seed)
     search = ExactSearch(bank, False, "cpu")
     value, index = search.search(queries, 1, None)
     assert search.shortlist is not None and search.shortlist.passes == 3
@@ -163,3 +158,59 @@ def test_the_bfloat16_check_is_a_yes_or_no_made_once():
     first = shortlist.bf16_is_fast()
     assert isinstance(first, bool) and shortlist.bf16_is_fast() is first
     assert shortlist._fast == {"cpu": first}
+
+
+def _far_clusters(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    side = np.where(rng.random(3000) < 0.5, -1000.0, 1000.0)
+    bank = rng.standard_normal((3000, 64)) * 10
+    bank[:, 0] += side
+    queries = bank[rng.integers(0, 3000, 200)] + rng.standard_normal((200, 64)) * 3
+    return bank.astype(np.float32), queries.astype(np.float32)
+
+
+def test_threads_searching_while_the_shortlist_refines_itself(monkeypatch):
+    """Searches in several threads (as the service runs them) while one of them switches the
+    shortlist to three products: every result stays exact and none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries = _far_clusters(5)
+    search = ExactSearch(bank, False, "cpu")
+    best, want = _truth(bank, queries, False, None)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: search.search(queries, 1, None), range(8)))
+    assert search.shortlist is not None and search.shortlist.passes == 3
+    for _, index in results:
+        np.testing.assert_array_equal(index[:, 0], want)
+
+
+def test_a_non_finite_query_leaves_the_shortlist_in_place(monkeypatch):
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries, _ = _data(0)
+    search = ExactSearch(bank, False, "cpu")
+    bad = queries.copy()
+    bad[3, 0] = np.nan
+    search.search(bad, 1, None)  # answered by the float32 path
+    assert search.shortlist is not None and search.shortlist.passes == 1
+    best, want = _truth(bank, queries, False, None)
+    np.testing.assert_array_equal(search.search(queries, 1, None)[1][:, 0], want)
+
+
+def test_a_search_keeps_the_form_it_started_with(monkeypatch):
+    """Another thread refining the shortlist between a search's steps changes nothing for it."""
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries, _ = _data(0)
+    search = ExactSearch(bank, False, "cpu")
+    original = shortlist.Shortlist._queries
+
+    def queries_then_refine(self, form, q):
+        out = original(self, form, q)
+        if self.passes == 1:
+            self.build(passes=3)  # as if another thread did it now
+        return out
+
+    monkeypatch.setattr(shortlist.Shortlist, "_queries", queries_then_refine)
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is not None and search.shortlist.passes == 3
+    np.testing.assert_array_equal(index[:, 0], _truth(bank, queries, False, None)[1])

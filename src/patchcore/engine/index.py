@@ -123,13 +123,14 @@ class ExactSearch:
         """The nearest row's value (squared distance or inner product) and index per query by
         the bfloat16 shortlist, refined to three products when one leaves too many rows; None
         to fall back to float32 (no shortlist here, or still too many rows)."""
-        if self.shortlist is None:
+        shortlist = self.shortlist
+        if shortlist is None or not bool(torch.isfinite(block).all()):
             return None
-        found = self.shortlist.nearest(block, given, exclude)
-        if found is None and self.shortlist.passes == 1:
+        found = shortlist.nearest(block, given, exclude)
+        if found is None and shortlist.passes == 1:
             log.debug("one bfloat16 product leaves too many candidate rows: using three")
-            self.shortlist.build(passes=3)
-            found = self.shortlist.nearest(block, given, exclude)
+            shortlist.build(passes=3)
+            found = shortlist.nearest(block, given, exclude)
         if found is None:
             log.debug("bfloat16 shortlist too long even with three products: float32 search")
             self.shortlist = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -80,6 +81,12 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1) * 1.01
 
 
+class _Form(NamedTuple):
+    passes: int
+    rows: torch.Tensor  # N' x K bfloat16, sorted by norm, padded to whole groups
+    coef: torch.Tensor  # G x C: the bound's coefficients per group (see _queries)
+
+
 class Shortlist:
     """The bank (mean-centred float32 rows, CPU) in bfloat16 form, with its error bound.
 
@@ -104,9 +111,14 @@ class Shortlist:
         self._local = threading.local()
         self.build(passes)
 
+    @property
+    def passes(self) -> int:
+        """Bfloat16 products per search: 1, or 3 once one left too many rows."""
+        return self.form.passes
+
     def build(self, passes: int) -> None:
-        """The augmented bank rows for one (`passes=1`) or three bfloat16 products."""
-        self.passes = passes
+        """The augmented bank rows for one (`passes=1`) or three bfloat16 products, swapped in
+        at once: a search running meanwhile in another thread keeps the form it started with."""
         ordered = self.bank[self.order]
         b64 = ordered.double()
         hi = ordered.bfloat16()
@@ -140,20 +152,21 @@ class Shortlist:
         # columns: the query-side norms, 1, |q|^2/2 (its magnitude in the accumulation, and the
         # centring's); scaled by 1.01 (norms' own rounding) and by (1 + U) 1.002 of the window
         half_coef = 0.0 if self.cosine else gamma * (1 + 3 * U) + 4.04 * F32
-        self.coef = torch.cat([coef, const[:, None], torch.full_like(const[:, None], half_coef)],
-                              1) * (1.01 * (1 + U) * 1.002)
+        coef = torch.cat([coef, const[:, None], torch.full_like(const[:, None], half_coef)],
+                         1) * (1.01 * (1 + U) * 1.002)
         rows = torch.cat(parts, 1)
         pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
-        self.rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]).contiguous()
+        self.form = _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]
+                                            ).contiguous(), coef)
 
-    def _queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries(self, form: _Form, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented queries (K x Q) and, per group and query (G x Q), the bound on the
         float32 accumulation's error before the rounding to bfloat16, times (1 + U) 1.002.
         Residuals x - bf16(x) are exact in float32; norms computed in float32 are inflated by
         1%, far above their rounding."""
         hi = q.bfloat16()
         rest = q - hi.float()
-        if self.passes == 1:
+        if form.passes == 1:
             parts = [hi]
             sides = [_norm(hi.float()), _norm(rest)]
         else:
@@ -170,7 +183,7 @@ class Shortlist:
             n_lo = (half - n_hi.float()).bfloat16()
             parts += [torch.ones(len(q), 2, dtype=torch.bfloat16), n_hi[:, None], n_lo[:, None]]
         sides += [torch.ones(len(q)), half.abs()]
-        return torch.cat(parts, 1).T.contiguous(), self.coef @ torch.stack(sides)
+        return torch.cat(parts, 1).T.contiguous(), form.coef @ torch.stack(sides)
 
     def _buffer(self, rows: int, cols: int) -> torch.Tensor:
         """This thread's reused output buffer: a fresh 12 MB product per image costs its page
@@ -180,7 +193,8 @@ class Shortlist:
             buf = self._local.buf = torch.empty(rows * cols, dtype=torch.bfloat16)
         return buf[: rows * cols].view(rows, cols)
 
-    def _window(self, group_max: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _window(group_max: torch.Tensor, acc: torch.Tensor, k: int) -> torch.Tensor:
         """Per group and query: the lowest bfloat16 value the nearest row can have (G x Q).
 
         With v the exact values, x the float32 accumulations (|x - v| <= acc of the row's
@@ -194,7 +208,7 @@ class Shortlist:
         top = top.float()
         own = acc.gather(0, best_group[None, :])[0]  # the top row's group's bound
         base = top - top.abs() * (2 * U / (1 - U) * 1.002 + 2.0 ** -20) - own \
-            - (self.rows.shape[1] * 1e-37 + 1e-30)
+            - (k * 1e-37 + 1e-30)
         return base[None, :] - acc
 
     def nearest(self, q: torch.Tensor, given: torch.Tensor, exclude: tuple[int, int] | None
@@ -203,14 +217,15 @@ class Shortlist:
         value (-d^2 or q.b, float64, between the rows and queries as given) and its bank row,
         or None when the shortlist is too long or a query has none."""
         nq = len(q)
-        queries, acc = self._queries(q)
-        values = torch.mm(self.rows, queries, out=self._buffer(len(self.rows), nq))  # N' x Q
+        form = self.form
+        queries, acc = self._queries(form, q)
+        values = torch.mm(form.rows, queries, out=self._buffer(len(form.rows), nq))  # N' x Q
         values[self.n :] = -float("inf")
         if exclude is not None and exclude[1] > exclude[0]:
             values.index_fill_(0, self.position[exclude[0] : exclude[1]], -float("inf"))
         groups = values.view(-1, GROUP, nq)
         group_max = groups.amax(1)  # G x Q: reducing the middle axis runs along memory
-        low = self._window(group_max, acc)
+        low = self._window(group_max, acc, form.rows.shape[1])
         g, qi = (group_max >= low).nonzero(as_tuple=True)
         if len(g) > MAX_PER_QUERY * nq:
             return None
@@ -235,7 +250,7 @@ class Shortlist:
         x = torch.index_select(q, 0, qrow)
         score = b.mul_(x).sum(1) if self.cosine else b.sub_(x).square_().sum(1).neg_()
         best = torch.full((nq,), -float("inf")).scatter_reduce(0, qrow, score, "amax")
-        if self.cosine:
+        if self.cosine:  # rows and queries are L2-normalised (NearestNeighbourIndex._prepare)
             tol = torch.full_like(best, 2.02 * eta)
         else:
             tol = best.abs() * (2.02 * eta / (1 - eta)) + 1e-30
