@@ -105,10 +105,14 @@ def test_three_products_when_norms_dwarf_the_distances(monkeypatch, seed):
     bank, queries = _far_clusters(seed)
     search = ExactSearch(bank, False, "cpu")
     value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.passes == 3
+    assert search.shortlist is not None and search.shortlist.misses == {1: 1, 3: 0}
     best, want = _truth(bank, queries, False, None)
     np.testing.assert_array_equal(index[:, 0], want)
     np.testing.assert_allclose(value[:, 0], -best, rtol=1e-5)
+    for _ in range(shortlist.STREAK - 1):  # one product keeps failing: begin with three
+        search.search(queries, 1, None)
+    assert search.shortlist.start == 3
+    np.testing.assert_array_equal(search.search(queries, 1, None)[1][:, 0], want)
 
 
 def test_shortlist_matches_the_float32_search_on_patch_like_features(monkeypatch):
@@ -121,7 +125,7 @@ def test_shortlist_matches_the_float32_search_on_patch_like_features(monkeypatch
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
     index = NearestNeighbourIndex().add(bank)
     fast = index.search(queries, 1)
-    assert index._index.shortlist is not None and index._index.shortlist.passes == 1
+    assert index._index.shortlist is not None and list(index._index.shortlist.forms) == [1]
     np.testing.assert_array_equal(fast[1], plain[1])
     np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6)
 
@@ -132,7 +136,10 @@ def test_too_long_a_shortlist_falls_back_to_float32(monkeypatch):
     bank, queries, _ = _data(1)
     search = ExactSearch(bank, False, "cpu")
     value, index = search.search(queries, 1, None)
-    assert search.shortlist is None  # given up after one and three products
+    assert search.shortlist is not None and search.shortlist.misses == {1: 1, 3: 1}
+    for _ in range(shortlist.STREAK - 1):
+        value, index = search.search(queries, 1, None)
+    assert search.shortlist is None  # given up after STREAK chunks in a row
     best, want = _truth(bank, queries, False, None)
     np.testing.assert_allclose(value[:, 0], -best, rtol=1e-4, atol=1e-3)
     gaps = np.sort(-_all_scores(bank, queries), axis=1)
@@ -180,7 +187,7 @@ def test_threads_searching_while_the_shortlist_refines_itself(monkeypatch):
     best, want = _truth(bank, queries, False, None)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: search.search(queries, 1, None), range(8)))
-    assert search.shortlist is not None and search.shortlist.passes == 3
+    assert search.shortlist is not None and 3 in search.shortlist.forms
     for _, index in results:
         np.testing.assert_array_equal(index[:, 0], want)
 
@@ -192,25 +199,7 @@ def test_a_non_finite_query_leaves_the_shortlist_in_place(monkeypatch):
     bad = queries.copy()
     bad[3, 0] = np.nan
     search.search(bad, 1, None)  # answered by the float32 path
-    assert search.shortlist is not None and search.shortlist.passes == 1
+    assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
     best, want = _truth(bank, queries, False, None)
     np.testing.assert_array_equal(search.search(queries, 1, None)[1][:, 0], want)
 
-
-def test_a_search_keeps_the_form_it_started_with(monkeypatch):
-    """Another thread refining the shortlist between a search's steps changes nothing for it."""
-    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
-    bank, queries, _ = _data(0)
-    search = ExactSearch(bank, False, "cpu")
-    original = shortlist.Shortlist._queries
-
-    def queries_then_refine(self, form, q):
-        out = original(self, form, q)
-        if self.passes == 1:
-            self.build(passes=3)  # as if another thread did it now
-        return out
-
-    monkeypatch.setattr(shortlist.Shortlist, "_queries", queries_then_refine)
-    value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.passes == 3
-    np.testing.assert_array_equal(index[:, 0], _truth(bank, queries, False, None)[1])

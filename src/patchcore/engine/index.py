@@ -121,19 +121,16 @@ class ExactSearch:
                      exclude: tuple[int, int] | None
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The nearest row's value (squared distance or inner product) and index per query by
-        the bfloat16 shortlist, refined to three products when one leaves too many rows; None
-        to fall back to float32 (no shortlist here, or still too many rows)."""
+        the bfloat16 shortlist; None to search this chunk in float32 (no shortlist here, a
+        non-finite query, or too many rows even with three products)."""
         shortlist = self.shortlist
         if shortlist is None or not bool(torch.isfinite(block).all()):
             return None
         found = shortlist.nearest(block, given, exclude)
-        if found is None and shortlist.passes == 1:
-            log.debug("one bfloat16 product leaves too many candidate rows: using three")
-            shortlist.build(passes=3)
-            found = shortlist.nearest(block, given, exclude)
         if found is None:
-            log.debug("bfloat16 shortlist too long even with three products: float32 search")
-            self.shortlist = None
+            if shortlist.exhausted:
+                log.debug("bfloat16 shortlists keep being too long: float32 search from now on")
+                self.shortlist = None
             return None
         best, index = found
         return (best if self.cosine else -best), index

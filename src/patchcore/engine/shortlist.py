@@ -11,9 +11,10 @@ and the shortlisted rows are then compared exactly, so the result is the true ne
 Values are v = -|q - b|^2 / 2 (euclidean, on mean-centred rows) or v = q.b (cosine), computed as
 one product of augmented rows, [q, 1, 1, -|q|^2/2 (hi, lo)] . [b, -|b|^2/2 (hi, lo), 1, 1], so the
 large norm terms cancel inside the float32 accumulator and only v is rounded to bfloat16. With
-`passes=3` each side is split into a bfloat16 head and tail (q_hi.b_hi + q_hi.b_lo + q_lo.b_hi),
-which shrinks the error from ~2^-7 |q||b| to ~2^-14 |q||b| for 3x the product's cost: used when
-one pass leaves too many rows on the shortlist (features whose norms dwarf the distances).
+three products each side is split into a bfloat16 head and tail (q_hi.b_hi + q_hi.b_lo +
+q_lo.b_hi), which shrinks the error from ~2^-7 |q||b| to ~2^-14 |q||b| for 3x the product's cost:
+used for a chunk of queries where one product leaves too many rows on the shortlist (features
+whose norms dwarf the distances), and first once that happened STREAK chunks in a row.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ U = 2.0 ** -8  # unit roundoff of bfloat16: 8 significant bits, round to nearest
 F32 = 2.0 ** -24  # unit roundoff of float32 (the accumulator)
 GROUP = 32  # bank rows per group; each query keeps the groups whose maximum may be the nearest
 MAX_PER_QUERY = 16  # a longer shortlist (on average) is not worth re-ranking: refine or give up
+STREAK = 4  # chunks in a row with too long a shortlist: start at three products / give up
 
 _fast: dict[str, bool] = {}
 
@@ -98,8 +100,7 @@ class Shortlist:
     random-weight wide_resnet50_2 features, whose norms span 30-190).
     """
 
-    def __init__(self, bank: torch.Tensor, given: torch.Tensor, cosine: bool,
-                 passes: int = 1) -> None:
+    def __init__(self, bank: torch.Tensor, given: torch.Tensor, cosine: bool) -> None:
         self.bank = bank  # centred in float32 (rounded): chooses the shortlist
         self.given = given  # the rows as given: the exact re-rank
         self.cosine = cosine
@@ -109,16 +110,19 @@ class Shortlist:
         self.position = torch.empty_like(self.order)
         self.position[self.order] = torch.arange(self.n)  # bank row -> sorted position
         self._local = threading.local()
-        self.build(passes)
+        self.forms = {1: self._build(1)}  # passes -> form; three products built when needed
+        self.start = 1  # products tried first: 3 once one product failed STREAK chunks in a row
+        self.misses = {1: 0, 3: 0}  # chunks in a row whose shortlist was too long
 
-    @property
-    def passes(self) -> int:
-        """Bfloat16 products per search: 1, or 3 once one left too many rows."""
-        return self.form.passes
+    def form(self, passes: int) -> _Form:
+        """The bank's form for one or three bfloat16 products (forms never change once built,
+        so searches in other threads are unaffected)."""
+        if passes not in self.forms:
+            self.forms[passes] = self._build(passes)
+        return self.forms[passes]
 
-    def build(self, passes: int) -> None:
-        """The augmented bank rows for one (`passes=1`) or three bfloat16 products, swapped in
-        at once: a search running meanwhile in another thread keeps the form it started with."""
+    def _build(self, passes: int) -> _Form:
+        """The augmented bank rows for one (`passes=1`) or three bfloat16 products."""
         ordered = self.bank[self.order]
         b64 = ordered.double()
         hi = ordered.bfloat16()
@@ -156,8 +160,8 @@ class Shortlist:
                          1) * (1.01 * (1 + U) * 1.002)
         rows = torch.cat(parts, 1)
         pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
-        self.form = _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]
-                                            ).contiguous(), coef)
+        return _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]).contiguous(),
+                     coef)
 
     def _queries(self, form: _Form, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented queries (K x Q) and, per group and query (G x Q), the bound on the
@@ -214,10 +218,25 @@ class Shortlist:
     def nearest(self, q: torch.Tensor, given: torch.Tensor, exclude: tuple[int, int] | None
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per query (`q` centred like the bank in float32, `given` as given): the exact best
-        value (-d^2 or q.b, float64, between the rows and queries as given) and its bank row,
-        or None when the shortlist is too long or a query has none."""
+        value (-d^2 or q.b, float64, between the rows and queries as given) and its bank row;
+        None when even three products leave too long a shortlist for this chunk."""
+        for passes in (1, 3) if self.start == 1 else (3,):
+            found = self._nearest(self.form(passes), q, given, exclude)
+            self.misses[passes] = 0 if found is not None else self.misses[passes] + 1
+            if self.misses[1] >= STREAK:
+                self.start = 3
+            if found is not None:
+                return found
+        return None
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether three products failed STREAK chunks in a row: float32 is better here."""
+        return self.misses[3] >= STREAK
+
+    def _nearest(self, form: _Form, q: torch.Tensor, given: torch.Tensor,
+                 exclude: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         nq = len(q)
-        form = self.form
         queries, acc = self._queries(form, q)
         values = torch.mm(form.rows, queries, out=self._buffer(len(form.rows), nq))  # N' x Q
         values[self.n :] = -float("inf")
