@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .shortlist import Shortlist, bf16_is_fast
+from .shortlist import MAX_PER_QUERY, Shortlist, bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,13 @@ class ExactSearch:
         n = len(self.bank)
         raw = _tensor(q, self.device)
         queries = raw - self.center
-        step = max(1, self.CHUNK_FLOATS // max(n, 1))
+        width = n
+        if self.shortlist is not None and k == 1:
+            # the shortlist's re-rank gathers ~16 rows of D floats per query as well: smaller
+            # chunks stay in cache (wide_resnet50_2, 1,536-d: 40 -> 33 ms per image at
+            # batch 32; efficientnet_lite2, 168-d: 3.9 -> 3.6 ms)
+            width += MAX_PER_QUERY * self.bank.shape[1]
+        step = max(1, self.CHUNK_FLOATS // max(width, 1))
         values, indices = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), step):
