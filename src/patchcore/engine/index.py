@@ -69,13 +69,16 @@ class ExactSearch:
     def __init__(self, bank: np.ndarray, cosine: bool, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cosine = cosine
-        self.rows = _tensor(bank, self.device)  # as given: distances are computed from these
-        self.center = (torch.zeros_like(self.rows[0]) if cosine or not len(self.rows)
-                       else self.rows.double().mean(0).float())
-        self.bank = self.rows - self.center  # centred: for choosing rows by matrix products
+        given = _tensor(bank, self.device)
+        self.center = (torch.zeros_like(given[0]) if cosine or not len(given)
+                       else given.double().mean(0).float())
+        self.bank = given - self.center  # centred: for choosing rows by matrix products
+        # distances come from the rows as given (on the CPU they share the caller's memory); on
+        # a GPU that would be a second copy of the bank, so there they come from the centred ones
+        self.rows = given if self.device.type == "cpu" else self.bank
         self.norms = (self.bank * self.bank).sum(1)
         self.shortlist: Shortlist | None = None
-        if self.device.type == "cpu" and len(self.rows) and (
+        if self.device.type == "cpu" and len(given) and (
                 self.SHORTLIST == "on" or (self.SHORTLIST == "auto" and bf16_is_fast())):
             self.shortlist = Shortlist(self.bank, self.rows, cosine)
 
@@ -95,7 +98,8 @@ class ExactSearch:
         values, indices = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), step):
-                block, given = queries[a : a + step], raw[a : a + step]
+                block = queries[a : a + step]
+                given = raw[a : a + step] if self.rows is not self.bank else block
                 found = self._shortlisted(block, given, exclude) if k == 1 else None
                 if found is not None:
                     values.append(found[0].float()[:, None])
