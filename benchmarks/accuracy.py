@@ -152,6 +152,8 @@ def run_peer(spec: dict) -> dict:
                "--throughput-batches", "2", "--out", str(out), "--save-maps", str(maps)]
         if max_train:
             cmd += ["--max-train", str(max_train)]
+        if "seed" in h:  # anomalib's coreset seed (its default is 0)
+            cmd += ["--seed", str(h["seed"])]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         report = json.loads(out.read_text())
