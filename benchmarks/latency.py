@@ -217,7 +217,7 @@ def main() -> None:
         result["machine"]["bf16_shortlist_used"] = bf16_is_fast()
         for mode in ["off", "auto"] if args.shortlist == "both" else [args.shortlist]:
             ExactSearch.SHORTLIST = mode
-            part = result if mode == args.shortlist or mode == "auto" else {}
+            part = {} if mode == "off" and args.shortlist == "both" else result
             part["batch1"] = _breakdown(args, model_dir, 1)
             part["batch32"] = _breakdown(args, model_dir, 32)
             if part is not result:

@@ -36,11 +36,8 @@ def _data(seed: int) -> tuple[np.ndarray, np.ndarray, str]:
 def _truth(bank: np.ndarray, queries: np.ndarray, cosine: bool,
            exclude: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Float64 brute force: best value per query and the lowest row index attaining it."""
-    b, q = bank.astype(np.float64), queries.astype(np.float64)
-    if cosine:
-        score = q @ b.T
-    else:
-        score = -((q[:, None, :] - b[None]) ** 2).sum(-1)
+    score = (queries.astype(np.float64) @ bank.astype(np.float64).T if cosine
+             else _all_scores(bank, queries))
     if exclude is not None:
         score[:, exclude[0] : exclude[1]] = -np.inf
     best = score.max(1)

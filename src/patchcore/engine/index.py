@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .shortlist import MAX_PER_QUERY, Shortlist, bf16_is_fast
+from .shortlist import MAX_PER_QUERY, Shortlist, bf16_is_fast, pair_scores
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,9 @@ class ExactSearch:
                 idx = (score.min(1, keepdim=True).indices if k == 1
                        else _smallest(score, k)[1])
                 # in float64 from the rows as given, as the shortlist re-ranks: both paths give
-                # the same values
-                rows, x = self.rows[idx].double(), given[:, None, :].double()  # B x k x D
-                if self.cosine:
-                    val = -(rows * x).sum(-1).float()
-                else:
-                    val = ((rows - x) ** 2).sum(-1).float()
+                # the same values (negated: smallest first, like score)
+                val = -pair_scores(self.rows[idx].double(), given[:, None, :].double(),
+                                   self.cosine).float()  # B x k
                 if k > 1:
                     val, idx = _sort_pairs(val, idx)
                 values.append(-val if self.cosine else val)

@@ -71,17 +71,25 @@ def _accumulates_in_float32() -> bool:
 
 
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float64 vector as a bfloat16 head and tail (x = hi + lo + r, |r| <= U^2 |x|)."""
+    """A vector as a bfloat16 head and tail (x = hi + lo + r, |r| <= U^2 |x|)."""
     hi = x.bfloat16()
     return hi, (x - hi.double()).bfloat16()
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
+    """Row norms in float64."""
     return (x.double() ** 2).sum(1).sqrt()
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Row norms in float32, inflated by 1% (far above their rounding): for bounds."""
     return torch.linalg.vector_norm(x, dim=1) * 1.01
+
+
+def pair_scores(b: torch.Tensor, x: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """Per pair of rows (last axis): q.b for cosine, else -|q - b|^2, in `b`'s precision
+    (`b` is overwritten). The one way both search paths compute the values they return."""
+    return b.mul_(x).sum(-1) if cosine else b.sub_(x).square_().sum(-1).neg_()
 
 
 class _Form(NamedTuple):
@@ -184,8 +192,7 @@ class Shortlist:
             # -|q|^2/2 is the same for every row of a query, so its rounding moves no row
             # past another; only its magnitude enters the accumulation bound.
             half = -(q * q).sum(1) / 2
-            n_hi = half.bfloat16()
-            n_lo = (half - n_hi.float()).bfloat16()
+            n_hi, n_lo = _split(half)
             parts += [torch.ones(len(q), 2, dtype=torch.bfloat16), n_hi[:, None], n_lo[:, None]]
         sides += [torch.ones(len(q)), half.abs()]
         return torch.cat(parts, 1).T.contiguous(), form.coef @ torch.stack(sides)
@@ -268,7 +275,7 @@ class Shortlist:
         eta = (q.shape[1] + 2) * F32 * 1.01
         b = torch.index_select(self.given, 0, rows)
         x = torch.index_select(q, 0, qrow)
-        score = b.mul_(x).sum(1) if self.cosine else b.sub_(x).square_().sum(1).neg_()
+        score = pair_scores(b, x, self.cosine)
         best = torch.full((nq,), -float("inf")).scatter_reduce(0, qrow, score, "amax")
         if self.cosine:  # rows and queries are L2-normalised (NearestNeighbourIndex._prepare)
             tol = torch.full_like(best, 2.02 * eta)
@@ -278,7 +285,7 @@ class Shortlist:
         rows, qrow = rows[keep], qrow[keep]
         b = torch.index_select(self.given, 0, rows).double()
         x = torch.index_select(q, 0, qrow).double()
-        exact = b.mul_(x).sum(1) if self.cosine else b.sub_(x).square_().sum(1).neg_()
+        exact = pair_scores(b, x, self.cosine)
         best = torch.full((nq,), -float("inf"), dtype=torch.float64
                           ).scatter_reduce(0, qrow, exact, "amax")
         tied = exact == best[qrow]
