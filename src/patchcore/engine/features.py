@@ -24,7 +24,7 @@ from torch import nn
 
 from ..backbones import BackboneSpec, get_backbone
 from ..backbones.cnn import check_weights_loaded
-from ..backbones.fusion import fold_batchnorm
+from ..backbones.fusion import fold_batchnorm, pack_convolutions
 from ..errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,10 @@ class FeatureExtractor(nn.Module):
         self.channels_last = self.spec.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # On CPU, convolution weights kept in oneDNN's layout per input shape (batch <= 8);
+        # like folding, only for the simplified backbone (fold_norms=False: the one as built).
+        self.packed_convolutions = (pack_convolutions(model) if fold_norms
+                                    and self.device.type == "cpu" else 0)
         self.backbone = model
         self._outputs: dict[str, torch.Tensor] = {}
         self._hooks = []
