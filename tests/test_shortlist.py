@@ -95,21 +95,56 @@ def test_near_ties_below_every_rounding_error(monkeypatch, seed, cosine):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_three_products_when_norms_dwarf_the_distances(monkeypatch, seed):
-    """Two clusters far from the mean: one bfloat16 product cannot tell a cluster's rows
-    apart, so the shortlist refines itself to three products and stays exact."""
+def test_far_clusters_need_one_product(monkeypatch, seed):
+    """Two clusters far from the mean (norms 100x the distances): the triangle-inequality
+    window still shortlists from one bfloat16 product, exactly."""
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
     bank, queries = _far_clusters(seed)
     search = ExactSearch(bank, False, "cpu")
     value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.misses == {1: 1, 3: 0}
+    assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
     best, want = _truth(bank, queries, False, None)
     np.testing.assert_array_equal(index[:, 0], want)
     np.testing.assert_allclose(value[:, 0], -best, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_three_products_when_one_cannot_tell_the_rows_apart(monkeypatch, seed):
+    """Nearly parallel unit rows (cosine): one bfloat16 product cannot tell a cluster's rows
+    apart, so the shortlist refines itself to three products and stays exact."""
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    bank, queries = _parallel_rows(seed)
+    search = ExactSearch(bank, True, "cpu")
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is not None and search.shortlist.misses == {1: 1, 3: 0}
+    best, want = _truth(bank, queries, True, None)
+    np.testing.assert_array_equal(index[:, 0], want)
+    np.testing.assert_allclose(value[:, 0], best, rtol=1e-5)
     for _ in range(shortlist.STREAK - 1):  # one product keeps failing: begin with three
         search.search(queries, 1, None)
     assert search.shortlist.start == 3
     np.testing.assert_array_equal(search.search(queries, 1, None)[1][:, 0], want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rounding_offsets_cannot_hide_the_nearest_row(monkeypatch, seed):
+    """Rows on a line (values 100-200, bfloat16 spacing 0.5-1): each query has two rows 0.1
+    away on either side, nearer than the rest, whose bfloat16 roundings can put either one
+    first; only a window that adds the rounding offsets keeps the true nearest row."""
+    monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
+    rng = np.random.default_rng(seed)
+    bank = np.zeros((800, 4))
+    bank[:200, 0] = rng.uniform(100, 200, 200)
+    queries = np.zeros((300, 4))
+    queries[:, 0] = rng.uniform(100, 200, 300)
+    bank[200::2, 0] = queries[:, 0] - 0.1
+    bank[201::2, 0] = queries[:, 0] + 0.1
+    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
+    search = ExactSearch(bank, False, "cpu")
+    value, index = search.search(queries, 1, None)
+    assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
+    best, want = _truth(bank, queries, False, None)
+    np.testing.assert_array_equal(index[:, 0], want)
 
 
 def test_shortlist_matches_the_float32_search_on_patch_like_features(monkeypatch):
@@ -164,13 +199,21 @@ def test_the_bfloat16_check_is_a_yes_or_no_made_once():
     assert shortlist._fast == {"cpu": first}
 
 
-def _far_clusters(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _far_clusters(seed: int, offset: float = 1000.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    side = np.where(rng.random(3000) < 0.5, -1000.0, 1000.0)
+    side = np.where(rng.random(3000) < 0.5, -offset, offset)
     bank = rng.standard_normal((3000, 64)) * 10
     bank[:, 0] += side
     queries = bank[rng.integers(0, 3000, 200)] + rng.standard_normal((200, 64)) * 3
     return bank.astype(np.float32), queries.astype(np.float32)
+
+
+def _parallel_rows(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows in two narrow cones (cosine between neighbours within ~1e-4 of 1)."""
+    bank, queries = _far_clusters(seed, offset=600.0)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return bank, queries
 
 
 def test_threads_searching_while_the_shortlist_refines_itself(monkeypatch):
@@ -179,9 +222,9 @@ def test_threads_searching_while_the_shortlist_refines_itself(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
-    bank, queries = _far_clusters(5)
-    search = ExactSearch(bank, False, "cpu")
-    best, want = _truth(bank, queries, False, None)
+    bank, queries = _parallel_rows(0)
+    search = ExactSearch(bank, True, "cpu")
+    best, want = _truth(bank, queries, True, None)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: search.search(queries, 1, None), range(8)))
     assert search.shortlist is not None and 3 in search.shortlist.forms

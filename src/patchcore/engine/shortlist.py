@@ -9,13 +9,17 @@ still be the nearest, and the shortlisted rows are then compared exactly (float3
 where float32 cannot separate them), so the result is the true nearest row
 (ties broken by the lowest row index), whatever the rounding.
 
-Values are v = -|q - b|^2 / 2 (euclidean, on mean-centred rows) or v = q.b (cosine), computed as
-one product of augmented rows, [q, 1, 1, -|q|^2/2 (hi, lo)] . [b, -|b|^2/2 (hi, lo), 1, 1], so the
-large norm terms cancel inside the float32 accumulator and only v is rounded to bfloat16. With
-three products each side is split into a bfloat16 head and tail (q_hi.b_hi + q_hi.b_lo +
-q_lo.b_hi), which shrinks the error from ~2^-7 |q||b| to ~2^-14 |q||b| for 3x the product's cost:
-used for a chunk of queries where one product leaves too many rows on the shortlist (features
-whose norms dwarf the distances), and first once that happened STREAK chunks in a row.
+Euclidean: with q', b' the bfloat16 roundings of the mean-centred rows, one product of augmented
+rows, [q', 1, 1, -|q'|^2/2 (hi, lo)] . [b', -|b'|^2/2 (hi, lo), 1, 1], gives -|q' - b'|^2/2 (the
+large norm terms cancel inside the float32 accumulator; only the result is rounded to bfloat16),
+and |q - b| lies within |q - q'| + |b - b'| of |q' - b'| (triangle inequality): a bound on
+distances, not on the product's error relative to |q||b|, so features whose norms dwarf their
+distances keep few rows (random-weight wide_resnet50_2: 1.8 per query, 6.3 with the earlier
+Cauchy-Schwarz bound on q.b). Cosine: v = q.b, bounded by the rounding residuals
+(|q_hi||b - b_hi| + |q - q_hi||b|). With three products each side is a head + tail
+(q_hi.b_hi + q_hi.b_lo + q_lo.b_hi) for 3x the product's cost: used for a chunk of queries where
+one product leaves too many rows on the shortlist, and first once that happened STREAK chunks in
+a row (for euclidean rows the float32 accumulation then dominates, so it rarely helps there).
 """
 
 from __future__ import annotations
@@ -95,18 +99,18 @@ def pair_scores(b: torch.Tensor, x: torch.Tensor, cosine: bool) -> torch.Tensor:
 class _Form(NamedTuple):
     passes: int
     rows: torch.Tensor  # N' x K bfloat16, sorted by norm, padded to whole groups
-    coef: torch.Tensor  # G x C: the bound's coefficients per group (see _queries)
+    coef: torch.Tensor  # G x C: per group, cosine: the bound's coefficients (see _queries);
+    # euclidean: |b'|, |b'|^2/2 and |b - b'| at most (see _build_euclidean)
 
 
 class Shortlist:
     """The bank (mean-centred float32 rows, CPU) in bfloat16 form, with its error bound.
 
-    The bound uses the actual rounding residuals, not their worst case: for one product
-    q.b - q_hi.b_hi = q_hi.(b - b_hi) + (q - q_hi).b, so its error is at most
-    |q_hi| |b - b_hi| + |q - q_hi| |b| (Cauchy-Schwarz), about 2.5x below 2 U |q| |b|. Rows
-    are ordered by norm, so that the maxima of these norms over each group of 32 rows, which
-    bound the group's error, stay close to its rows' own (2.4x fewer rows to re-rank for
-    random-weight wide_resnet50_2 features, whose norms span 30-190).
+    The bounds use the actual rounding residuals, not their worst case (euclidean: the
+    offsets |b - b'|, see _window_euclidean; cosine: q.b - q_hi.b_hi = q_hi.(b - b_hi) +
+    (q - q_hi).b, at most |q_hi| |b - b_hi| + |q - q_hi| |b|). Rows are ordered by norm, so
+    that the maxima of these quantities over each group of 32 rows, which bound the group,
+    stay close to its rows' own.
     """
 
     def __init__(self, bank: torch.Tensor, given: torch.Tensor, cosine: bool) -> None:
@@ -132,6 +136,8 @@ class Shortlist:
 
     def _build(self, passes: int) -> _Form:
         """The augmented bank rows for one (`passes=1`) or three bfloat16 products."""
+        if not self.cosine:
+            return self._build_euclidean(passes)
         ordered = self.bank[self.order]
         b64 = ordered.double()
         hi = ordered.bfloat16()
@@ -171,6 +177,97 @@ class Shortlist:
         pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
         return _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]).contiguous(),
                      coef)
+
+    def _group_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Per group of rows (float64), the largest value, padding rows counting as 0."""
+        x = torch.cat([x, x.new_zeros((-self.n) % GROUP)])
+        return x.view(-1, GROUP).amax(1)
+
+    def _build_euclidean(self, passes: int) -> _Form:
+        """Rows [b', -|b'|^2/2 (head, tail), 1, 1] of b' = bf16(b) (or its head + tail for
+        three products): with queries [q', 1, 1, -|q'|^2/2 (head, tail)] one product gives
+        -|q' - b'|^2/2, and |q - b| is within |q - q'| + |b - b'| of |q' - b'| (the triangle
+        inequality), which bounds the shortlist (see _window_euclidean). Per group: the largest
+        |b'|, |b'|^2/2 and |b - b'| (+ float32 centring, F32 |b|)."""
+        ordered = self.bank[self.order]
+        hi = ordered.bfloat16()
+        if passes == 1:
+            rep, parts = hi.double(), [hi]
+        else:
+            lo = (ordered.double() - hi.double()).bfloat16()
+            rep, parts = hi.double() + lo.double(), [hi, lo, hi]
+        half = -(rep * rep).sum(1) / 2
+        n_hi, n_lo = _split(half)
+        parts += [n_hi[:, None], n_lo[:, None], torch.ones(self.n, 2, dtype=torch.bfloat16)]
+        off = (ordered.double() - rep).norm(dim=1) + 1.01 * F32 * _norms(ordered)
+        coef = torch.stack([self._group_max(rep.norm(dim=1)), self._group_max(-half),
+                            self._group_max(off)], 1) * 1.0001
+        rows = torch.cat(parts, 1)
+        pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
+        return _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]).contiguous(),
+                     coef)
+
+    def _queries_euclidean(self, form: _Form, q: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [q', 1, 1, -|q'|^2/2 (head, tail)] (Q x K) and, per query (3 x Q), bounds
+        on |q'|, |q'|^2/2 and |q - q'| (+ float32 centring). Residuals x - bf16(x) are exact
+        in float32; bfloat16 squares are exact in float32."""
+        hi = q.bfloat16()
+        rest = q - hi.float()
+        if form.passes == 1:
+            parts, rep = [hi], hi.float()
+            half = -(rep * rep).sum(1, dtype=torch.float64) / 2
+        else:
+            lo = rest.bfloat16()
+            parts, rep = [hi, hi, lo], hi.float() + lo.float()
+            rest = rest - lo.float()
+            half = -(rep.double() ** 2).sum(1) / 2
+        n_hi, n_lo = _split(half)
+        parts += [torch.ones(len(q), 2, dtype=torch.bfloat16), n_hi[:, None], n_lo[:, None]]
+        size = (-half * 2).sqrt() * 1.0001
+        off = _norm(rest) + 1.02 * F32 * _norm(q)
+        queries = torch.cat(parts, 1, out=self._buffer("queries", (len(q), form.rows.shape[1]),
+                                                         torch.bfloat16))
+        return queries.T, torch.stack([size, -half * 1.0001, off.double()])
+
+    def _window_euclidean(self, form: _Form, group_max: torch.Tensor, side: torch.Tensor
+                          ) -> torch.Tensor:
+        """Per group and query: the lowest bfloat16 value a row must reach to possibly be the
+        nearest (G x Q).
+
+        The product's float32 accumulation x of a row is within
+        A = gamma (|q'||b'| + |q'|^2/2 + |b'|^2/2) + U^2 (|q'|^2/2 + |b'|^2/2) (+ |q_lo||b_lo|
+        for three products) of -|q' - b'|^2/2, and the output y = bf16(x) within U |x|. So
+        the top row j' (largest y) has |q - b_j'| <= sqrt(-2 (y' - U|y'|/(1-U) - A)) + e_q +
+        e_b(j') =: R, with e the offsets |q - q'|, |b - b'|; a row can only be as near if
+        |q' - b'| <= R + e_q + e_b, i.e. x >= L = -(R + e_q + e_b)^2/2 - A, so y >= L - U|L|.
+        Per query and per group terms in float64, L in float32 with margins above rounding.
+        """
+        b_size, b_half, b_off = form.coef.unbind(1)  # per group
+        q_size, q_half, q_off = side  # per query
+        k = form.rows.shape[1]
+        gamma = k * F32 / (1 - k * F32) * 1.01
+        # three products add |q_hi||b_lo| + |q_lo||b_hi| <= 2.02 U |q'||b'| to the mass
+        # (heads up to 1 + U larger than q', b'), and miss q_lo.b_lo
+        cross = gamma * (1 if form.passes == 1 else 1.03) + (
+            0 if form.passes == 1 else 1.01 * U * U)
+        halves = gamma + 1.01 * U * U  # A = cross |q'||b'| + halves (|q'|^2/2 + |b'|^2/2)
+        top, best = group_max.max(0)  # per query
+        top = top.double()
+        own = cross * b_size[best] * q_size + halves * (b_half[best] + q_half)
+        loose = top.abs() * (U / (1 - U) * 1.001)
+        r = ((-2 * (top - loose - own)).clamp_min(0).sqrt() + 2 * q_off + b_off[best]) \
+            * (1 + 1e-9)  # R + e_q
+        o = b_off * (1 + 1e-9)
+        # L = -(r + o)^2/2 - A <= 0 for every group and query as one float32 (G x 4) @ (4 x Q)
+        # product: its four terms all <= 0, so no cancellation; times 1 + U 1.001 (bf16(L) >=
+        # L - U|L|) + 2^-20 (float32 rounding of the terms and their sum)
+        left = torch.stack([o, cross * b_size, o * o / 2 + halves * b_half,
+                            torch.ones_like(o)], 1).float()
+        right = -torch.stack([r, q_size, torch.ones_like(r), r * r / 2 + halves * q_half])
+        right = right * (1 + U * 1.001 + 2.0 ** -20)
+        right[3] -= 1e-30
+        return left @ right.float()
 
     def _queries(self, form: _Form, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented queries (K x Q) and, per group and query (G x Q), the bound on the
@@ -252,7 +349,10 @@ class Shortlist:
     def _nearest(self, form: _Form, q: torch.Tensor, given: torch.Tensor,
                  exclude: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         nq = len(q)
-        queries, acc = self._queries(form, q)
+        if self.cosine:
+            queries, acc = self._queries(form, q)
+        else:
+            queries, side = self._queries_euclidean(form, q)
         values = torch.mm(form.rows, queries,
                           out=self._buffer("product", (len(form.rows), nq), torch.bfloat16))
         values[self.n :] = -float("inf")
@@ -260,7 +360,8 @@ class Shortlist:
             values.index_fill_(0, self.position[exclude[0] : exclude[1]], -float("inf"))
         groups = values.view(-1, GROUP, nq)
         group_max = groups.amax(1)  # G x Q: reducing the middle axis runs along memory
-        low = self._window(group_max, acc, form.rows.shape[1])
+        low = (self._window(group_max, acc, form.rows.shape[1]) if self.cosine
+               else self._window_euclidean(form, group_max, side))
         g, qi = (group_max >= low).nonzero(as_tuple=True)
         if len(g) > MAX_PER_QUERY * nq:
             return None
