@@ -99,13 +99,20 @@ def test_far_clusters_need_one_product(monkeypatch, seed):
     """Two clusters far from the mean (norms 100x the distances): the triangle-inequality
     window still shortlists from one bfloat16 product, exactly."""
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
-    bank, queries = _far_clusters(seed)
-    search = ExactSearch(bank, False, "cpu")
+    _searched_once(*_far_clusters(seed), cosine=False, misses={1: 0, 3: 0})
+
+
+def _searched_once(bank: np.ndarray, queries: np.ndarray, cosine: bool,
+                   misses: dict[int, int]) -> tuple[ExactSearch, np.ndarray]:
+    """A shortlisted search of `queries`: its misses as given, its rows and values the brute
+    force's; the search and the true rows."""
+    search = ExactSearch(bank, cosine, "cpu")
     value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
-    best, want = _truth(bank, queries, False, None)
+    assert search.shortlist is not None and search.shortlist.misses == misses
+    best, want = _truth(bank, queries, cosine, None)
     np.testing.assert_array_equal(index[:, 0], want)
-    np.testing.assert_allclose(value[:, 0], -best, rtol=1e-5)
+    np.testing.assert_allclose(value[:, 0], best if cosine else -best, rtol=1e-5)
+    return search, want
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -114,12 +121,7 @@ def test_three_products_when_one_cannot_tell_the_rows_apart(monkeypatch, seed):
     apart, so the shortlist refines itself to three products and stays exact."""
     monkeypatch.setattr(ExactSearch, "SHORTLIST", "on")
     bank, queries = _parallel_rows(seed)
-    search = ExactSearch(bank, True, "cpu")
-    value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.misses == {1: 1, 3: 0}
-    best, want = _truth(bank, queries, True, None)
-    np.testing.assert_array_equal(index[:, 0], want)
-    np.testing.assert_allclose(value[:, 0], best, rtol=1e-5)
+    search, want = _searched_once(bank, queries, cosine=True, misses={1: 1, 3: 0})
     for _ in range(shortlist.STREAK - 1):  # one product keeps failing: begin with three
         search.search(queries, 1, None)
     assert search.shortlist.start == 3
@@ -139,12 +141,8 @@ def test_rounding_offsets_cannot_hide_the_nearest_row(monkeypatch, seed):
     queries[:, 0] = rng.uniform(100, 200, 300)
     bank[200::2, 0] = queries[:, 0] - 0.1
     bank[201::2, 0] = queries[:, 0] + 0.1
-    bank, queries = bank.astype(np.float32), queries.astype(np.float32)
-    search = ExactSearch(bank, False, "cpu")
-    value, index = search.search(queries, 1, None)
-    assert search.shortlist is not None and search.shortlist.misses == {1: 0, 3: 0}
-    best, want = _truth(bank, queries, False, None)
-    np.testing.assert_array_equal(index[:, 0], want)
+    _searched_once(bank.astype(np.float32), queries.astype(np.float32), cosine=False,
+                   misses={1: 0, 3: 0})
 
 
 def test_shortlist_matches_the_float32_search_on_patch_like_features(monkeypatch):
