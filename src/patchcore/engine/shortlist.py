@@ -136,50 +136,38 @@ class Shortlist:
 
     def _build(self, passes: int) -> _Form:
         """The augmented bank rows for one (`passes=1`) or three bfloat16 products."""
-        if not self.cosine:
-            return self._build_euclidean(passes)
+        return (self._build_cosine if self.cosine else self._build_euclidean)(passes)
+
+    def _build_cosine(self, passes: int) -> _Form:
+        """Rows b_hi (or [b_hi, b_lo, b_hi] for three products) and, per group, the
+        coefficients of the query-side norms in the bound on q.b's error (see _queries)."""
         ordered = self.bank[self.order]
         b64 = ordered.double()
         hi = ordered.bfloat16()
         rest = b64 - hi.double()  # exact in float64
         lo = rest.bfloat16()
-        k = hi.shape[1] * (1 if passes == 1 else 3) + (0 if self.cosine else 4)
+        k = hi.shape[1] * (1 if passes == 1 else 3)
         gamma = k * F32 / (1 - k * F32)  # float32 accumulation over k terms
 
         def group_max(x: torch.Tensor) -> torch.Tensor:  # per group of rows, inflated by 1%
-            x = torch.cat([x, x.new_zeros((-self.n) % GROUP)])
-            return (x.view(-1, GROUP).amax(1) * 1.01).float()
+            return (self._group_max(x) * 1.01).float()
 
         b, b_hi, b_lo = group_max(_norms(b64)), group_max(_norms(hi)), group_max(_norms(lo))
         r1 = group_max(_norms(rest))  # |b - b_hi|
-        # per group: coefficients of the query-side norms in the bound (columns), + constant
         if passes == 1:  # err |q_hi| r1 + |q - q_hi| b; accumulated mass |q_hi| b_hi
             coef = torch.stack([r1 + gamma * b_hi, b], 1)
         else:  # err |q_hi| r2 + |q_lo| r1 + |q - q_hi - q_lo| b
             r2 = group_max(_norms(rest - lo.double()))
             coef = torch.stack([r2 + gamma * (b_hi + b_lo), r1 + gamma * b_hi, b], 1)
-        parts = [hi] if passes == 1 else [hi, lo, hi]
-        const = torch.zeros(len(b))
-        if not self.cosine:
-            half = -(b64 ** 2).sum(1) / 2
-            n_hi, n_lo = _split(half)
-            parts += [n_hi[:, None], n_lo[:, None], torch.ones(self.n, 2, dtype=torch.bfloat16)]
-            # the half norm's head + tail rounding, and its magnitude in the accumulation; and
-            # centring in float32: |fl(x - c) - (x - c)| <= F32 |x - c| moves -d^2/2 by at most
-            # 2.02 F32 (|q|^2 + |b|^2) from its value between the rows as given
-            const = (1.01 * U * U + gamma * (1 + 3 * U) + 4.04 * F32) * b * b / 2
-        # columns: the query-side norms, 1, |q|^2/2 (its magnitude in the accumulation, and the
-        # centring's); scaled by 1.01 (norms' own rounding) and by (1 + U) 1.002 of the window
-        half_coef = 0.0 if self.cosine else gamma * (1 + 3 * U) + 4.04 * F32
-        coef = torch.cat([coef, const[:, None], torch.full_like(const[:, None], half_coef)],
-                         1) * (1.01 * (1 + U) * 1.002)
-        rows = torch.cat(parts, 1)
+        # scaled by 1.01 (the query norms' own rounding) and by (1 + U) 1.002 of the window
+        coef = coef * (1.01 * (1 + U) * 1.002)
+        rows = torch.cat([hi] if passes == 1 else [hi, lo, hi], 1)
         pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
         return _Form(passes, torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]).contiguous(),
                      coef)
 
     def _group_max(self, x: torch.Tensor) -> torch.Tensor:
-        """Per group of rows (float64), the largest value, padding rows counting as 0."""
+        """Per group of rows, the largest value, padding rows counting as 0."""
         x = torch.cat([x, x.new_zeros((-self.n) % GROUP)])
         return x.view(-1, GROUP).amax(1)
 
@@ -270,8 +258,8 @@ class Shortlist:
         return left @ right.float()
 
     def _queries(self, form: _Form, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented queries (K x Q) and, per group and query (G x Q), the bound on the
-        float32 accumulation's error before the rounding to bfloat16, times (1 + U) 1.002.
+        """Cosine: the bfloat16 queries (K x Q) and, per group and query (G x Q), the bound on
+        the float32 accumulation's error before the rounding to bfloat16, times (1 + U) 1.002.
         Residuals x - bf16(x) are exact in float32; norms computed in float32 are inflated by
         1%, far above their rounding."""
         hi = q.bfloat16()
@@ -283,15 +271,6 @@ class Shortlist:
             lo = rest.bfloat16()
             parts = [hi, hi, lo]
             sides = [_norm(hi.float()), _norm(lo.float()), _norm(rest - lo.float())]
-        if self.cosine:
-            half = torch.zeros(len(q))
-        else:
-            # -|q|^2/2 is the same for every row of a query, so its rounding moves no row
-            # past another; only its magnitude enters the accumulation bound.
-            half = -(q * q).sum(1) / 2
-            n_hi, n_lo = _split(half)
-            parts += [torch.ones(len(q), 2, dtype=torch.bfloat16), n_hi[:, None], n_lo[:, None]]
-        sides += [torch.ones(len(q)), half.abs()]
         # Q x K; the product takes its transpose as a view (a copy cost 0.8 ms per 400
         # queries of 1,540 columns)
         queries = torch.cat(parts, 1, out=self._buffer("queries", (len(q), form.rows.shape[1]),
