@@ -178,17 +178,18 @@ class Shortlist:
         inequality), which bounds the shortlist (see _window_euclidean). Per group: the largest
         |b'|, |b'|^2/2 and |b - b'| (+ float32 centring, F32 |b|)."""
         ordered = self.bank[self.order]
+        b64 = ordered.double()
         hi = ordered.bfloat16()
         if passes == 1:
             rep, parts = hi.double(), [hi]
         else:
-            lo = (ordered.double() - hi.double()).bfloat16()
+            lo = (b64 - hi.double()).bfloat16()
             rep, parts = hi.double() + lo.double(), [hi, lo, hi]
         half = -(rep * rep).sum(1) / 2
         n_hi, n_lo = _split(half)
         parts += [n_hi[:, None], n_lo[:, None], torch.ones(self.n, 2, dtype=torch.bfloat16)]
-        off = (ordered.double() - rep).norm(dim=1) + 1.01 * F32 * _norms(ordered)
-        coef = torch.stack([self._group_max(rep.norm(dim=1)), self._group_max(-half),
+        off = _norms(b64 - rep) + 1.01 * F32 * _norms(b64)
+        coef = torch.stack([self._group_max(_norms(rep)), self._group_max(-half),
                             self._group_max(off)], 1) * 1.0001
         rows = torch.cat(parts, 1)
         pad = (-self.n) % GROUP  # zero rows, set to -inf after each product
