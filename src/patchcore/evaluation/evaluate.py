@@ -15,6 +15,7 @@ import numpy as np
 from ..data.layouts import DatasetSplit
 from ..model import PatchCore, Prediction
 from . import metrics
+from .overlap import overlap_summary
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ RESULT_COLUMNS = (
 
 
 def evaluate_split(model: PatchCore, split: DatasetSplit) -> tuple[dict[str, Any], Prediction]:
-    """Image/pixel metrics of `model` on the test images of `split`."""
+    """Image/pixel metrics of `model` on the test images of `split`, and the train/test
+    overlap check (`overlap.overlap_summary`: a warning when good test images look like
+    near-copies of training images)."""
     if not split.test:
         raise ValueError(f"category {split.name} has no test images to evaluate on")
     with_masks = split.has_masks
@@ -47,6 +50,7 @@ def evaluate_split(model: PatchCore, split: DatasetSplit) -> tuple[dict[str, Any
     row["n_test"] = len(split.test)
     row["n_anomalous"] = int(sum(s.label == 1 for s in split.test))
     row["predict_ms_per_image"] = round(1000 * elapsed / len(split.test), 2)
+    row.update(overlap_summary(model, pred))
     return row, pred
 
 
