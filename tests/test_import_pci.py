@@ -17,7 +17,8 @@ from patchcore.interop import PciImportError, convert, import_pci, read_plain_pi
 
 # patchcore-inspection's pipeline in our terms, small: random-weight ResNet-50 at 64 px.
 PCI_LIKE = dict(backbone="resnet50", layers=("layer2", "layer3"), pretrained=False,
-                aggregation="reference", preprocess="crop", resize=72, imagesize=64,
+                aggregation="reference", preprocess="crop", standardize=False, resize=72,
+                imagesize=64,
                 pretrain_embed_dimension=64, target_embed_dimension=32, sampler="random",
                 percentage=0.5, device="cpu", progress=False)
 
@@ -70,8 +71,9 @@ def test_converted_model_scores_exactly_like_the_model_it_came_from(data, origin
     path = import_pci(pci, tmp_path / "model", pretrained=False, resize=72)
     converted = PatchCore.load(path, device="cpu", progress=False)
     cfg = converted.config
-    assert (cfg.aggregation, cfg.preprocess, cfg.resize, cfg.imagesize, cfg.anomaly_scorer_num_nn,
-            cfg.layers) == ("reference", "crop", 72, 64, k, ("layer2", "layer3"))
+    assert (cfg.aggregation, cfg.preprocess, cfg.standardize, cfg.resize, cfg.imagesize,
+            cfg.anomaly_scorer_num_nn, cfg.layers) == ("reference", "crop", False, 72, 64, k,
+                                                       ("layer2", "layer3"))
     reference = PatchCore(**{**PCI_LIKE, "anomaly_scorer_num_nn": k})
     reference.members_, reference.feature_grid_ = original.members_, original.feature_grid_
     paths = [s.path for s in data.test]

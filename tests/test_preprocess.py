@@ -145,3 +145,78 @@ def test_too_many_views_and_gapped_tiles_are_refused():
         pre.check_size((2000, 2000), "big.png")
     with pytest.raises(ConfigError, match="tile_stride"):
         PatchCoreConfig(preprocess="tile", tile_size=48, tile_stride=100)
+
+
+# -- standardize ------------------------------------------------------------------------------
+
+
+def _textured(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """An H x W x 3 texture (float, 0-255) of `size` (W, H)."""
+    return make_texture(np.random.default_rng(seed), size[::-1], "carpet").astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["square", "aspect", "tile", "crop"])
+def test_standardized_views_have_the_standard_mean_and_spread_together(mode):
+    from patchcore.data.preprocess import STANDARD_MEAN, STANDARD_STD
+
+    img = Image.fromarray(np.clip(_textured(1) * 0.4 + 20, 0, 255).astype(np.uint8))
+    pre = Preprocessor(48, S, mean=(0, 0, 0), std=(1, 1, 1), mode=mode, tile_size=40,
+                       tile_stride=24, standardize=True)
+    views = pre.view_arrays(img)
+    assert views.mean() == pytest.approx(STANDARD_MEAN, abs=1e-4)
+    assert views.std() == pytest.approx(STANDARD_STD, rel=1e-3)
+    if len(views) > 1:  # one shift and scale for the whole image, not one per view
+        plain = Preprocessor(48, S, mean=(0, 0, 0), std=(1, 1, 1), mode=mode, tile_size=40,
+                             tile_stride=24).view_arrays(img)
+        ratio = (views - views.mean()) / (plain - plain.mean() + 1e-12)
+        assert np.nanstd(ratio[np.abs(plain - plain.mean()) > 0.05]) < 1e-3
+
+
+def test_standardizing_undoes_brightness_and_contrast_keeps_colour():
+    base = _textured(2)
+    img = Image.fromarray(base.astype(np.uint8))
+    darker = Image.fromarray(np.clip(base * 0.5 + 10, 0, 255).astype(np.uint8))
+    pre = Preprocessor(64, S, mode="square", standardize=True)
+    a, b = pre.view_arrays(img), pre.view_arrays(darker)
+    assert np.abs(a - b).max() < 0.15  # 8-bit rounding of the darker copy, stretched 2x
+    plain = Preprocessor(64, S, mode="square")
+    assert np.abs(plain.view_arrays(img) - plain.view_arrays(darker)).mean() > 0.5
+    # Channels keep their differences: a reddish image stays reddish.
+    grey = base[..., 0]
+    rgb = np.stack([grey, grey * 0.6, grey * 0.3], axis=-1).astype(np.uint8)
+    v = Preprocessor(64, S, mode="square", mean=(0, 0, 0), std=(1, 1, 1),
+                     standardize=True).view_arrays(Image.fromarray(rgb))[0]
+    assert v[0].mean() > v[1].mean() > v[2].mean()
+
+
+def test_a_flat_image_is_not_stretched_to_its_noise():
+    from patchcore.data.preprocess import STANDARD_STD, STD_FLOOR
+
+    rng = np.random.default_rng(0)
+    flat = np.full((64, 64), 120.0) + rng.integers(0, 2, (64, 64))  # std ~ 0.5 / 255
+    v = Preprocessor(64, S, mode="square", mean=(0, 0, 0), std=(1, 1, 1),
+                     standardize=True).view_arrays(Image.fromarray(flat.astype(np.uint8)))
+    assert v.std() < 0.002 / STD_FLOOR * STANDARD_STD
+    assert np.isfinite(v).all()
+
+
+def test_a_brighter_flatter_exposure_of_a_normal_part_stays_normal(tmp_path):
+    """Standardized (the default), a good part photographed brighter and with less contrast
+    scores like the training images; with pixels as read it scores like a defect."""
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"train{i}.png"
+        Image.fromarray(_textured(10 + i, (64, 64)).astype(np.uint8)).save(p)
+        paths.append(p)
+    good = _textured(30, (64, 64))
+    exposed = tmp_path / "exposed.png"
+    Image.fromarray(np.clip(good * 0.3 + 160, 0, 255).astype(np.uint8)).save(exposed)
+    normal = tmp_path / "normal.png"
+    Image.fromarray(good.astype(np.uint8)).save(normal)
+    scores = {}
+    for standardize in (True, False):
+        model = PatchCore(backbone="efficientnet_lite0", imagesize=64, device="cpu",
+                          progress=False, standardize=standardize).fit(paths)
+        scores[standardize] = model.predict([normal, exposed]).scores
+    assert scores[True][1] < 1.05 * scores[True][0]
+    assert scores[False][1] > 1.2 * scores[False][0]

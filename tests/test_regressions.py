@@ -29,7 +29,7 @@ SIZE = 32
 N_TRAIN, N_CAL, N_TEST = 8, 6, 4
 SINGLE = dict(backbone="resnet18", layers=("layer1", "layer2"), pretrained=False, resize=SIZE,
               imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0,
-              preprocess="crop", aggregation="reference")
+              preprocess="crop", aggregation="reference", standardize=False)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def ensemble(noise_paths: list[Path]) -> PatchCore:
     model = PatchCore(backbone=["efficientnet_lite0", "efficientnet_lite0"],
                       layers=["0.blocks.1", "1.blocks.1.1.conv_dw"], resize=SIZE,
                       imagesize=SIZE, percentage=0.25, calibration_holdout=0.0, seed=0,
-                      preprocess="crop", aggregation="reference")
+                      preprocess="crop", aggregation="reference", standardize=False)
     model.progress = False
     return model.fit(noise_paths[:6])
 

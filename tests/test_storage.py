@@ -122,6 +122,34 @@ def test_model_saved_by_format_1_scores_exactly_as_before():
     np.testing.assert_array_equal(pred.labels, expected["labels"])
     np.testing.assert_allclose(pred.calibrated, expected["calibrated"], rtol=1e-6)
     assert model.config.anomaly_scorer_num_nn == 2  # its own hyperparameters, not defaults
+    assert (model.config.preprocess, model.config.standardize) == ("crop", False)
+
+
+def test_model_saved_before_standardize_existed_reads_pixels_as_they_are(tmp_path):
+    """A config.json without `standardize` (models saved before it existed) loads with it
+    off and scores exactly as it did, although new models standardize by default."""
+    import json
+
+    from conftest import TINY
+
+    from patchcore.data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "d", categories=("wood",), n_train=4, n_test_good=1,
+                           n_test_defect=2, size=48, seed=4)
+    assert PatchCore(**TINY).config.standardize is True
+    old = PatchCore(**TINY, standardize=False).fit(tmp_path / "d" / "wood")
+    folder = old.save(tmp_path / "m")
+    config_file = folder / "config.json"
+    document = json.loads(config_file.read_text())
+    del document["config"]["standardize"]
+    config_file.write_text(json.dumps(document))
+    loaded = PatchCore.load(folder, progress=False)
+    assert loaded.config.standardize is False
+    test = sorted((tmp_path / "d" / "wood" / "test").rglob("*.png"))
+    np.testing.assert_array_equal(loaded.predict(test).scores, old.predict(test).scores)
+    standardized = PatchCore.from_state(loaded.state().__class__(
+        **{**vars(loaded.state()), "config": loaded.config.replace(standardize=True)}))
+    assert not np.array_equal(standardized.predict(test).scores, old.predict(test).scores)
 
 
 @pytest.mark.parametrize("preprocess", ["aspect", "tile"])

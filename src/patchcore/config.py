@@ -79,6 +79,10 @@ class PatchCoreConfig:
                      hi=MAX_IMAGESIZE)
     imagesize: int = _f(224, "Side of the square views fed to the backbone.", lo=16,
                         hi=MAX_IMAGESIZE)
+    standardize: bool = _f(True, "Scale each image to a fixed mean and contrast before the "
+                           "backbone, so that lighting and exposure changes between images "
+                           "are not scored as anomalies (--no-standardize: pixels as read, "
+                           "as the paper).")
     tile_size: int | None = _f(None, "tile mode: tile side in original pixels (default "
                                "2 x imagesize).", lo=16, hi=65536)
     tile_stride: int | None = _f(None, "tile mode: tile step in original pixels (default half "
@@ -170,7 +174,8 @@ class PatchCoreConfig:
 # Saved in config.json by format-1 models written before runtime settings were split off.
 LEGACY_RUNTIME_KEYS = ("device", "batch_size", "num_workers", "max_memory_mb", "extra")
 # Behaviour of models saved before these hyperparameters existed.
-LEGACY_VALUES: dict[str, Any] = {"preprocess": "crop", "aggregation": "reference"}
+LEGACY_VALUES: dict[str, Any] = {"preprocess": "crop", "aggregation": "reference",
+                                 "standardize": False}
 
 
 @dataclass

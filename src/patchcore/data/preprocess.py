@@ -11,6 +11,10 @@ imagesize x imagesize:
 * ``tile``: overlapping tiles of `tile_size` original pixels every `tile_stride` pixels, each
   resized to imagesize (large images, small defects).
 
+With `standardize`, an image's views are shifted and scaled together to a fixed mean and
+contrast (`standardize`), so that a brighter or flatter exposure of a normal part looks like the
+training images to the backbone.
+
 `to_original` turns a view's anomaly maps back into one map of the whole original image: the
 crop mode pads the crop with its border values, the others stitch the views (bilinear, and the
 mean where views overlap).
@@ -54,6 +58,23 @@ def _positions(length: float, window: float, stride: float | None) -> list[float
     return [(length - window) * k / (n - 1) for k in range(n)]
 
 
+# Standardized images get the mean and spread of a typical ImageNet photo (in [0, 1]), the
+# inputs the pretrained backbones know; an image flatter than STD_FLOOR is stretched at most
+# to it, not up to its sensor noise.
+STANDARD_MEAN = 0.45
+STANDARD_STD = 0.225
+STD_FLOOR = 0.02
+
+
+def standardize(views: np.ndarray) -> np.ndarray:
+    """An image's views (V x C x H x W in [0, 1]) shifted and scaled together so that their
+    pixels have mean STANDARD_MEAN and standard deviation STANDARD_STD over all channels
+    (colour ratios kept; values may leave [0, 1])."""
+    mean = float(views.mean(dtype=np.float64))
+    std = max(float(views.std(dtype=np.float64)), STD_FLOOR)
+    return ((views - mean) * (STANDARD_STD / std) + STANDARD_MEAN).astype(np.float32)
+
+
 class Preprocessor:
     """Views of an image for the backbone (RGB in [0, 1], then (x - mean) / std), and back."""
 
@@ -66,6 +87,7 @@ class Preprocessor:
         mode: str = "crop",
         tile_size: int | None = None,
         tile_stride: int | None = None,
+        standardize: bool = False,
     ) -> None:
         if mode not in MODES:
             raise DataError(f"unknown preprocessing mode {mode!r}; choose one of {MODES}")
@@ -74,6 +96,7 @@ class Preprocessor:
         self.mode = mode
         self.tile_size = tile_size or 2 * imagesize
         self.tile_stride = tile_stride or self.tile_size // 2
+        self.standardize = standardize
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
@@ -187,9 +210,13 @@ class Preprocessor:
                 for box in self.boxes(img.size)]
 
     def view_arrays(self, img: Image.Image, name: str | Path | None = None) -> np.ndarray:
-        """V x 3 x imagesize x imagesize normalised float32 arrays of the image's views."""
-        arrays = [np.asarray(v, dtype=np.float32) / 255.0 for v in self.view_images(img, name)]
-        return (np.stack(arrays).transpose(0, 3, 1, 2) - self.mean) / self.std
+        """V x 3 x imagesize x imagesize normalised float32 arrays of the image's views
+        (standardized together first, when `standardize`)."""
+        arrays = np.stack([np.asarray(v, dtype=np.float32) / 255.0
+                           for v in self.view_images(img, name)]).transpose(0, 3, 1, 2)
+        if self.standardize:
+            arrays = standardize(arrays)
+        return (arrays - self.mean) / self.std
 
     def views(self, img: Image.Image, name: str | Path | None = None) -> torch.Tensor:
         """V x 3 x imagesize x imagesize normalised tensors of the image's views."""

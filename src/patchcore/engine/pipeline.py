@@ -70,7 +70,7 @@ def preprocessor(config: PatchCoreConfig) -> Preprocessor:
     """Views as [0, 1] RGB tensors (members normalise with their own mean and std)."""
     return Preprocessor(config.resize, config.imagesize, mean=(0.0, 0.0, 0.0),
                         std=(1.0, 1.0, 1.0), mode=config.preprocess, tile_size=config.tile_size,
-                        tile_stride=config.tile_stride)
+                        tile_stride=config.tile_stride, standardize=config.standardize)
 
 
 def with_fitted_tiles(config: PatchCoreConfig) -> PatchCoreConfig:

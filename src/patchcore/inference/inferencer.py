@@ -69,7 +69,8 @@ class Inferencer:
         # As engine.pipeline.preprocessor: raw [0, 1] views; the graphs normalise per member.
         self.preprocessor = Preprocessor(c.resize, c.imagesize, mean=(0.0, 0.0, 0.0),
                                          std=(1.0, 1.0, 1.0), mode=c.preprocess,
-                                         tile_size=c.tile_size, tile_stride=c.tile_stride)
+                                         tile_size=c.tile_size, tile_stride=c.tile_stride,
+                                         standardize=c.standardize)
         self.banks = [Bank(load_bank(m.folder / e.bank, e.rows, e.dim), c.distance,
                            e.norm if len(m.members) > 1 else None) for e in m.members]
         self.runners = [GraphRunner(m.folder / e.graph, runtime, threads, precision)

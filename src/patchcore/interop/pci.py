@@ -220,7 +220,7 @@ def convert(folder: str | Path, *, member: int | None = None, backbone: str | No
     try:
         config = PatchCoreConfig(
             backbone=ours, layers=params.layers, pretrained=pretrained, weights=weights,
-            aggregation="reference", preprocess="crop", imagesize=size,
+            aggregation="reference", preprocess="crop", standardize=False, imagesize=size,
             resize=resize or round(size * 256 / 224),
             pretrain_embed_dimension=params.pretrain_embed_dimension,
             target_embed_dimension=params.target_embed_dimension,
