@@ -42,9 +42,12 @@ print(json.dumps({"errors": errors, "same_labels": same_labels}))
 
 
 def light_venv() -> Path:
-    """The light venv (inside the main venv; rebuilt when the install recipe changes)."""
+    """The light venv (inside the main venv; rebuilt when the install recipe or the package's
+    source changes: it holds a copy of patchcore, not a link to the working tree)."""
     venv = Path(sys.prefix) / "light-inference"
     digest = hashlib.sha256(INSTALL.read_bytes() + (ROOT / "pyproject.toml").read_bytes())
+    for path in sorted((ROOT / "src" / "patchcore").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     stamp = venv / ".installed"
     if stamp.is_file() and stamp.read_text() == digest.hexdigest():
         return venv
