@@ -53,22 +53,31 @@ def _rows() -> dict[str, dict]:
     rows: dict[str, dict] = {}
 
     def ours(ds: str, pre: str, agg: str = "native", rw: bool = False, size: int = 224,
-             **extra) -> None:
-        name = f"{ds}_{pre}_{agg}" + ("_rw" if rw else "") + ("" if size == 224 else f"_{size}")
-        hyper = dict(preprocess=pre, aggregation=agg, imagesize=size, **extra)
+             std: bool = False, max_train: int | None = None, **extra) -> None:
+        name = (f"{ds}{max_train or ''}_{pre}_{agg}" + ("_rw" if rw else "")
+                + ("" if size == 224 else f"_{size}") + ("_std" if std else ""))
+        hyper = dict(preprocess=pre, aggregation=agg, imagesize=size, standardize=std, **extra)
         if pre == "crop":
             hyper["resize"] = round(size * 256 / 224)
         if pre == "tile":
             hyper["tile_size"], hyper["tile_stride"] = TILES[ds]
         hyper.update(REWEIGHT if rw else dict(reweight=False, anomaly_scorer_num_nn=1))
-        rows[name] = dict(impl="ours", data=ds, hyper=hyper)
+        rows[name] = dict(impl="ours", data=ds, hyper=hyper,
+                          **({"max_train": max_train} if max_train else {}))
 
-    def peer(ds: str, pre: str) -> None:
-        rows[f"{ds}_anomalib_{pre}"] = dict(
+    def peer(ds: str, pre: str, std: bool = False) -> None:
+        rows[f"{ds}_anomalib_{pre}" + ("_std" if std else "")] = dict(
             impl="anomalib", data=ds,
             hyper=dict(preprocess=pre, resize=256 if pre == "crop" else 224, imagesize=224,
-                       num_neighbors=9, normalisation="mean=std=0.5"))
+                       num_neighbors=9, normalisation="mean=std=0.5", standardize=std))
 
+    # The defaults since standardize (each image shifted and scaled to a fixed mean and
+    # contrast), anomalib on the same inputs, and the rows below without it, in one run.
+    for ds in ("mt", "hz"):
+        ours(ds, "square", std=True)
+    ours("mt", "square", std=True, max_train=752)
+    ours("mt", "square", max_train=752)
+    peer("mt", "square", std=True)
     for ds in ("mt", "hz"):
         for pre in ("square", "aspect"):
             ours(ds, pre)
@@ -154,6 +163,8 @@ def run_peer(spec: dict) -> dict:
             cmd += ["--max-train", str(max_train)]
         if "seed" in h:  # anomalib's coreset seed (its default is 0)
             cmd += ["--seed", str(h["seed"])]
+        if h.get("standardize"):
+            cmd += ["--standardize"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         report = json.loads(out.read_text())
@@ -178,6 +189,7 @@ def run_peer(spec: dict) -> dict:
         "config": {k: report[k] for k in (
             "backbone", "layers", "coreset_ratio", "num_neighbors", "preprocess_mode", "resize",
             "imagesize", "normalisation", "preprocess", "threads", "train_batch_size")},
+        "standardize": bool(h.get("standardize")),
         "versions": report["versions"],
     }
 
@@ -234,23 +246,31 @@ def fmt(v, digits: int = 3) -> str:
 
 
 def table(report: dict) -> str:
-    head = (f"{'row':26s} {'impl':8s} {'pre':7s} {'agg':9s} {'rw':3s} {'size':>4s} "
+    head = (f"{'row':30s} {'impl':8s} {'pre':7s} {'std':3s} {'agg':9s} {'rw':3s} {'size':>4s} "
             f"{'img AUROC':>9s} {'pix AUROC':>9s} {'PRO':>6s} {'fit s':>7s} {'ms/img':>7s}")
     lines = [head]
     for name, r in report["rows"].items():
         if "error" in r:
-            lines.append(f"{name:26s} ERROR {r['error'][:80]}")
+            lines.append(f"{name:30s} ERROR {r['error'][:80]}")
             continue
         c = r["config"]
         ours = r["impl"] == "ours"
         pre = c["preprocess"] if ours else c["preprocess_mode"]
         agg = c["aggregation"] if ours else "anomalib"
         rw = ("9" if c["reweight"] else "-") if ours else str(c["num_neighbors"])
+        std = "yes" if _standardized(r) else "-"
         lines.append(
-            f"{name:26s} {r['impl']:8s} {pre:7s} {agg:9s} {rw:3s} {c['imagesize']:4d} "
+            f"{name:30s} {r['impl']:8s} {pre:7s} {std:3s} {agg:9s} {rw:3s} {c['imagesize']:4d} "
             f"{fmt(r['image_auroc']):>9s} {fmt(r['pixel_auroc']):>9s} {fmt(r['pro']):>6s} "
             f"{fmt(r['fit_s'], 1):>7s} {fmt(r['predict_ms'], 1):>7s}")
     return "\n".join(lines)
+
+
+def _standardized(row: dict) -> bool:
+    """Whether a row's inputs were standardized (rows measured before the option: no)."""
+    if row["impl"] == "ours":
+        return bool(row["config"].get("standardize", False))
+    return bool(row.get("standardize", False))
 
 
 def _is_default(config: dict) -> bool:
@@ -259,13 +279,14 @@ def _is_default(config: dict) -> bool:
 
     default = PatchCoreConfig().to_dict()
     keys = ("preprocess", "aggregation", "imagesize", "reweight", "anomaly_scorer_num_nn")
-    return all(config.get(k) == default[k] for k in keys)
+    return (all(config.get(k) == default[k] for k in keys)
+            and config.get("standardize", False) == default["standardize"])
 
 
 def markdown(report: dict) -> str:
     """The rows as a README table, grouped by data set, best image AUROC first."""
-    lines = ["| data | impl | preprocess | aggregation | Eq. 7 | size | img AUROC | pix AUROC "
-             "| PRO | fit s | ms/img |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | impl | preprocess | standardize | aggregation | Eq. 7 | size | img AUROC "
+             "| pix AUROC | PRO | fit s | ms/img |", "|" + "---|" * 12]
     rows = [(n, r) for n, r in report["rows"].items() if "error" not in r]
     rows.sort(key=lambda nr: (nr[1]["data"], nr[1]["n_train"], -nr[1]["image_auroc"]))
     for _, r in rows:
@@ -279,7 +300,7 @@ def markdown(report: dict) -> str:
         lines.append(" | ".join([
             "", f"{r['data']} ({r['n_train']})",
             ("**ours (default)**" if _is_default(c) else "**ours**") if ours else "anomalib", pre,
-            c["aggregation"] if ours else "anomalib",
+            "yes" if _standardized(r) else "no", c["aggregation"] if ours else "anomalib",
             ("b=9" if c["reweight"] else "off") if ours else f"b={c['num_neighbors']}",
             str(c["imagesize"]), fmt(r["image_auroc"]), fmt(r["pixel_auroc"]), fmt(r["pro"]),
             fmt(r["fit_s"], 0), fmt(r["predict_ms"], 0), ""]).strip())

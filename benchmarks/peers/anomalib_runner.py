@@ -178,6 +178,11 @@ def load_image(path: Path, args: argparse.Namespace):
     tensor = TF.resize(tensor, [side, side], antialias=True)
     if side != args.imagesize:
         tensor = TF.center_crop(tensor, [args.imagesize, args.imagesize])
+    if args.standardize:
+        # The same per-image step as patchcore's `standardize` (data/preprocess.py): mean 0.45
+        # and standard deviation 0.225 over all channels, the spread floored at 0.02.
+        shift, spread = tensor.mean(), max(float(tensor.std(correction=0)), 0.02)
+        tensor = (tensor - shift) * (0.225 / spread) + 0.45
     mean, std = NORMALISATION[args.backbone]
     return TF.normalize(tensor, mean, std)
 
@@ -505,6 +510,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
         "preprocess_mode": args.preprocess,
         "resize": frame(args),
         "imagesize": args.imagesize,
+        "standardize": args.standardize,
         "normalisation": dict(zip(("mean", "std"), NORMALISATION[args.backbone], strict=True)),
         "preprocess": (
             f"RGB, square resize to {args.resize}x{args.resize} (aspect not kept, bilinear, "
@@ -512,7 +518,9 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict:
             if args.preprocess == "crop" else
             f"RGB, square resize to {args.imagesize}x{args.imagesize} (whole image, aspect not "
             "kept, bilinear, antialias), no crop"
-        ) + f"; normalised with mean/std {NORMALISATION[args.backbone][0][0]}/"
+        ) + ("; standardized per image to mean 0.45 / std 0.225 (patchcore's step)"
+             if args.standardize else "")
+        + f"; normalised with mean/std {NORMALISATION[args.backbone][0][0]}/"
             f"{NORMALISATION[args.backbone][1][0]}",
         "timing_notes": (
             "feature_extraction_s includes image decoding; latency and throughput time the "
@@ -559,6 +567,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="crop: anomalib's default (square resize, centre crop); square: the "
                    "whole image resized to --imagesize, no crop")
     p.add_argument("--resize", type=int, default=256, help="crop: side of the square resize")
+    p.add_argument("--standardize", action="store_true",
+                   help="shift and scale each input to mean 0.45 / std 0.225 before the "
+                   "backbone's normalisation, as patchcore's default standardize (not anomalib's)")
     p.add_argument("--imagesize", type=int, default=224)
     p.add_argument("--save-maps", default=None, help="npz of scores and input-resolution maps")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
