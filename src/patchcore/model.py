@@ -103,16 +103,28 @@ class PatchCore:
 
     def training_view(self, v: int) -> tuple[int, int]:
         """(training image, view of that image) of bank provenance view `v`."""
+        image = int(self.training_images(np.array([v]))[0])
+        starts = self._view_starts()
+        return image, v - (int(starts[image]) if starts is not None else image)
+
+    def training_images(self, views: np.ndarray) -> np.ndarray:
+        """The training image of each bank provenance view in `views` (int64 array)."""
+        views = np.asarray(views, dtype=np.int64)
+        starts = self._view_starts()
+        if starts is None:
+            return views  # one view per image (and models saved before views existed)
+        if views.size and (views.min() < 0 or views.max() >= starts[-1]):
+            raise DataError("the memory bank names a view beyond this model's training images; "
+                            "the model file is inconsistent")
+        return np.searchsorted(starts, views, side="right") - 1
+
+    def _view_starts(self) -> np.ndarray | None:
+        """First view of each training image, then the total (None: one view per image)."""
         pre = self.preprocessor
         if not self.train_sizes_ or pre.mode in ("crop", "square"):
-            return v, 0  # one view per image (and models saved before views existed)
-        for i, size in enumerate(self.train_sizes_):
-            n = pre.num_views(size)
-            if 0 <= v < n:
-                return i, v
-            v -= n
-        raise DataError("the memory bank names a view beyond this model's training images; "
-                        "the model file is inconsistent")
+            return None
+        counts = [pre.num_views(size) for size in self.train_sizes_]
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     def training_path(self, i: int) -> Path:
         """The file of training image `i` (bank provenance), resolved against `train_root_`."""

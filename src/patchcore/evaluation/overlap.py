@@ -45,10 +45,7 @@ def source_shares(model: PatchCore, pred: Prediction) -> tuple[np.ndarray, np.nd
         raise ValueError("the prediction's nearest rows are not rows of this model's bank")
     view_image = (np.arange(n_views) if pred.view_image is None
                   else np.asarray(pred.view_image))
-    # Bank provenance counts training views; map them to training images once.
-    train_view = bank.image_index
-    lookup = {int(v): model.training_view(int(v))[0] for v in np.unique(train_view)}
-    train_image = np.vectorize(lookup.__getitem__, otypes=[np.int64])(train_view)
+    train_image = model.training_images(bank.image_index)  # provenance counts views
     n_images = len(pred)
     best = np.full(n_images, -1, dtype=np.int64)
     share = np.zeros(n_images, dtype=np.float64)
