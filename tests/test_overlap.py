@@ -122,3 +122,26 @@ def test_share_is_over_all_views_of_an_image(honest):
     best, share = source_shares(model, dataclasses.replace(pred, nearest=nearest))
     assert best[0] == 2
     assert share[0] == pytest.approx((len(views) - 1) / len(views))
+
+
+def test_rows_not_found_are_skipped_and_a_foreign_prediction_fails_no_evaluation(
+        honest, caplog):
+    """-1 (an approximate index that found no row) counts for no training image; nearest rows
+    beyond the bank skip the check with a warning instead of failing the evaluation."""
+    from patchcore.evaluation.overlap import overlap_summary
+
+    split = load_dataset(honest)
+    model = PatchCore(**FAST).fit(split)
+    pred = model.score(split.test)
+    nearest = np.array(pred.nearest)
+    half = nearest[0].size // 2
+    nearest[0].reshape(-1)[:half] = -1
+    best, share = source_shares(model, dataclasses.replace(pred, nearest=nearest))
+    source = model.training_images(model.members_[0].bank.image_index)
+    kept = source[nearest[0].reshape(-1)[half:]]
+    assert best[0] == np.bincount(kept).argmax()
+    assert share[0] == pytest.approx(np.bincount(kept).max() / kept.size)
+    nearest[1] = len(model.members_[0].bank)  # not a row of this bank
+    with caplog.at_level(logging.WARNING, logger="patchcore.evaluation.overlap"):
+        out = overlap_summary(model, dataclasses.replace(pred, nearest=nearest))
+    assert out["train_test_overlap"] is None and "overlap check skipped" in caplog.text

@@ -103,20 +103,17 @@ class PatchCore:
 
     def training_view(self, v: int) -> tuple[int, int]:
         """(training image, view of that image) of bank provenance view `v`."""
-        image = int(self.training_images(np.array([v]))[0])
         starts = self._view_starts()
-        return image, v - (int(starts[image]) if starts is not None else image)
+        if starts is None:
+            return v, 0  # one view per image (and models saved before views existed)
+        image = int(_images_of(np.array([v]), starts)[0])
+        return image, v - int(starts[image])
 
     def training_images(self, views: np.ndarray) -> np.ndarray:
         """The training image of each bank provenance view in `views` (int64 array)."""
         views = np.asarray(views, dtype=np.int64)
         starts = self._view_starts()
-        if starts is None:
-            return views  # one view per image (and models saved before views existed)
-        if views.size and (views.min() < 0 or views.max() >= starts[-1]):
-            raise DataError("the memory bank names a view beyond this model's training images; "
-                            "the model file is inconsistent")
-        return np.searchsorted(starts, views, side="right") - 1
+        return views if starts is None else _images_of(views, starts)
 
     def _view_starts(self) -> np.ndarray | None:
         """First view of each training image, then the total (None: one view per image)."""
@@ -330,6 +327,14 @@ class PatchCore:
         if device is not None:
             runtime["device"] = device
         return cls.from_state(load_state(Path(path)), **runtime)
+
+
+def _images_of(views: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Training image of each provenance view, from each image's first view (`starts`)."""
+    if views.size and (views.min() < 0 or views.max() >= starts[-1]):
+        raise DataError("the memory bank names a view beyond this model's training images; "
+                        "the model file is inconsistent")
+    return np.searchsorted(starts, views, side="right") - 1
 
 
 def training_samples(

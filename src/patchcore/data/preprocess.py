@@ -12,8 +12,8 @@ imagesize x imagesize:
   resized to imagesize (large images, small defects).
 
 With `standardize`, an image's views are shifted and scaled together to a fixed mean and
-contrast (`standardize`), so that a brighter or flatter exposure of a normal part looks like the
-training images to the backbone.
+contrast, so that a brighter or flatter exposure of a normal part looks like the training images
+to the backbone.
 
 `to_original` turns a view's anomaly maps back into one map of the whole original image: the
 crop mode pads the crop with its border values, the others stitch the views (bilinear, and the
