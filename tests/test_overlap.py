@@ -145,3 +145,23 @@ def test_rows_not_found_are_skipped_and_a_foreign_prediction_fails_no_evaluation
     with caplog.at_level(logging.WARNING, logger="patchcore.evaluation.overlap"):
         out = overlap_summary(model, dataclasses.replace(pred, nearest=nearest))
     assert out["train_test_overlap"] is None and "overlap check skipped" in caplog.text
+
+
+def test_the_report_shows_the_split_check_with_the_closest_pairs(honest, tmp_path):
+    from patchcore.reports import write_category_report
+
+    leaky, train = _leaky_copy(honest, tmp_path / "leaky")
+    split = load_dataset(leaky)
+    model = PatchCore(**FAST).fit(split)
+    row, pred = evaluate_split(model, split)
+    files = write_category_report(model, split, pred, row, tmp_path / "report")
+    page = files["index"].read_text()
+    assert "Split check: good test images look like training images" in page
+    section = page[page.index("Split check"):page.index("Metrics")]
+    assert all(p.name in section for p in train[0:10:2])  # each good image's source named
+    honest_split = load_dataset(honest)
+    clean = PatchCore(**FAST).fit(honest_split)
+    row, pred = evaluate_split(clean, honest_split)
+    page = write_category_report(clean, honest_split, pred, row,
+                                 tmp_path / "clean")["index"].read_text()
+    assert "Split check" not in page

@@ -76,6 +76,9 @@ def write_category_report(
             img_tag(embed_file(p), name) for name, p in out.items() if p.suffix == ".png")
          + "</div>"),
     ]
+    if row.get("train_test_overlap"):
+        sections.insert(0, ("Split check: good test images look like training images",
+                            _overlap_section(model, pred, row)))
     if split.layout in ("folder", "test") and len(set(pred.groups)) >= 3:
         from .ood import ood_report
 
@@ -102,6 +105,23 @@ def write_category_report(
                                 ["bad" if i in bad else "" for i in range(len(pred))])))
     out["index"] = write_page(folder / "index.html", f"PatchCore report: {split.name}", sections)
     return out
+
+
+def _overlap_section(model: Any, pred: Any, row: dict[str, Any], top: int = 10) -> str:
+    """The overlap check's verdict and the good test images closest to one training image."""
+    from ..evaluation.overlap import source_shares
+    from .html import data_table
+
+    best, share = source_shares(model, pred)
+    goods = [i for i in np.argsort(-share, kind="stable") if _true_labels(pred)[i] == 0][:top]
+    text = (f"<p>A median {row['good_source_share']:.0%} of a good test image's patches match "
+            f"one training image, against {row['anomalous_source_share']:.0%} for the anomalous "
+            "test images: the good test images are probably other shots of training parts, and "
+            "every metric above is optimistic. Split by part before trusting them.</p>")
+    rows = [[str(pred.paths[i]), str(model.training_path(int(best[i]))),
+             (f"{share[i]:.0%}", float(share[i]))] for i in goods]
+    return text + data_table(["good test image", "closest training image", "patches from it"],
+                             rows, "overlap")
 
 
 def _safe(name: str) -> str:
