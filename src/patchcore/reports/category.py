@@ -113,11 +113,12 @@ def _overlap_section(model: Any, pred: Any, row: dict[str, Any], top: int = 10) 
     from .html import data_table
 
     best, share = source_shares(model, pred)
-    goods = [i for i in np.argsort(-share, kind="stable") if _true_labels(pred)[i] == 0][:top]
+    labels = _true_labels(pred)
+    goods = [i for i in np.argsort(-share, kind="stable") if labels[i] == 0][:top]
     text = (f"<p>A median {row['good_source_share']:.0%} of a good test image's patches match "
             f"one training image, against {row['anomalous_source_share']:.0%} for the anomalous "
             "test images: the good test images are probably other shots of training parts, and "
-            "every metric above is optimistic. Split by part before trusting them.</p>")
+            "every metric in this report is optimistic. Split by part before trusting them.</p>")
     rows = [[str(pred.paths[i]), str(model.training_path(int(best[i]))),
              (f"{share[i]:.0%}", float(share[i]))] for i in goods]
     return text + data_table(["good test image", "closest training image", "patches from it"],
