@@ -61,7 +61,7 @@ def own_tile_left_out(model, pred, tiles: dict[Path, int]) -> dict:
 
     member = model.members_[0]
     bank = torch.from_numpy(np.asarray(member.bank.features, dtype=np.float32))
-    row_image = np.array([model.training_view(int(v))[0] for v in member.bank.image_index])
+    row_image = model.training_images(member.bank.image_index)
     train_tile = np.array([tiles[model.training_path(i).resolve()]
                            for i in range(len(model.train_paths_))])
     row_tile = train_tile[row_image]

@@ -128,6 +128,7 @@ def test_model_saved_by_format_1_scores_exactly_as_before():
 def test_model_saved_before_standardize_existed_reads_pixels_as_they_are(tmp_path):
     """A config.json without `standardize` (models saved before it existed) loads with it
     off and scores exactly as it did, although new models standardize by default."""
+    import dataclasses
     import json
 
     from conftest import TINY
@@ -147,8 +148,8 @@ def test_model_saved_before_standardize_existed_reads_pixels_as_they_are(tmp_pat
     assert loaded.config.standardize is False
     test = sorted((tmp_path / "d" / "wood" / "test").rglob("*.png"))
     np.testing.assert_array_equal(loaded.predict(test).scores, old.predict(test).scores)
-    standardized = PatchCore.from_state(loaded.state().__class__(
-        **{**vars(loaded.state()), "config": loaded.config.replace(standardize=True)}))
+    standardized = PatchCore.from_state(dataclasses.replace(
+        loaded.state(), config=loaded.config.replace(standardize=True)))
     assert not np.array_equal(standardized.predict(test).scores, old.predict(test).scores)
 
 
